@@ -1,0 +1,23 @@
+"""Test setup: 8 fake CPU devices, float32 matmuls at full precision, quiet TensorFlow.
+
+These must be set before JAX initialises its backend, hence at import time of conftest.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The bundled MNIST digits prepared once per session as a TFDS dataset (no download)."""
+    from uvit_jax.data import digits
+    d = str(tmp_path_factory.mktemp("tfds"))
+    digits.prepare_digits(d)
+    return d

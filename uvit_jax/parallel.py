@@ -1,0 +1,96 @@
+"""Distributed start-up, the device mesh, shardings and host -> global array helpers.
+
+A leaf module: it imports nothing else of ours. The mesh has two axes: `data` (pure data parallel) and `fsdp`
+(data parallel too, but parameters and optimizer state are sharded over it when configured). A batch is split
+over both axes together.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Call `jax.distributed.initialize` when launched as several processes; do nothing otherwise.
+
+    Sources, in order: the arguments, then the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+    `JAX_PROCESS_ID`), then cluster auto-detection (Cloud TPU pods, SLURM) when `UVIT_DISTRIBUTED=1`.
+    Returns True when `jax.distributed` was initialised.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if coordinator_address and num_processes and num_processes > 1:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    elif os.environ.get("UVIT_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # TPU pod / SLURM: JAX finds the coordinator itself.
+    else:
+        return False
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"mesh: fsdp={fsdp} must be >= 1 and divide the device count {len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, DATA_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits the leading (batch) axis over every device of the mesh."""
+    return NamedSharding(mesh, P(DATA_AXES))
+
+
+def param_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2 ** 16) -> NamedSharding:
+    """FSDP rule: shard the largest axis divisible by the fsdp size; small or indivisible arrays stay replicated."""
+    n = mesh.shape["fsdp"]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return replicated(mesh)
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % n == 0:
+            spec = [None] * len(shape)
+            spec[axis] = "fsdp"
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def tree_param_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+    """`param_sharding` for every leaf of a tree of arrays / ShapeDtypeStructs (scalars replicated)."""
+    return jax.tree.map(lambda x: param_sharding(tuple(x.shape), mesh), abstract_tree)
+
+
+def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
+    """Per-process numpy batches (leading axis = this process's share) -> global jax.Arrays split over the mesh."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def local_batch_size(global_batch_size: int) -> int:
+    """This process's share of a global batch; the batch must split evenly over processes and devices."""
+    if global_batch_size % jax.device_count():
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the device count {jax.device_count()}")
+    return global_batch_size // jax.process_count()
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
