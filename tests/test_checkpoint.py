@@ -1,0 +1,292 @@
+"""Checkpointer: round trip, re-sharding onto fewer devices, corrupt-checkpoint fallback, SIGTERM, partial restore."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from uvit_jax.checkpoint import CheckpointMismatchError, Checkpointer, load_params_dir
+from uvit_jax.parallel import make_mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sharding(mesh, x):
+    """2-D leaves split over (data, fsdp), 1-D leaves over fsdp, the rest replicated (when the sizes divide)."""
+    d, f = mesh.shape["data"], mesh.shape["fsdp"]
+    if x.ndim == 2 and x.shape[0] % d == 0 and x.shape[1] % f == 0:
+        return NamedSharding(mesh, P("data", "fsdp"))
+    if x.ndim == 1 and x.shape[0] % f == 0:
+        return NamedSharding(mesh, P("fsdp"))
+    return NamedSharding(mesh, P())
+
+
+def _make_state(mesh, step=0, scale=1.0):
+    """A small train-state-like dict: int32 step, params, EMA (different values), AdamW state (namedtuples)."""
+    params = {"dense": {"kernel": jnp.arange(8 * 16, dtype=jnp.float32).reshape(8, 16) * scale,
+                        "bias": jnp.linspace(-1, 1, 16, dtype=jnp.float32)},
+              "emb": jnp.full((3, 5), 0.5 * scale, jnp.bfloat16)}
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+    _, opt_state = tx.update(grads, opt_state, params)  # non-trivial mu/nu/count
+    state = {"step": jnp.asarray(step, jnp.int32), "params": params,
+             "ema_params": jax.tree.map(lambda p: p * 2 + 1, params), "opt_state": opt_state}
+    return jax.device_put(state, jax.tree.map(lambda x: _sharding(mesh, x), state))
+
+
+def _abstract(state, mesh):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding(mesh, x)), state)
+
+
+def _assert_tree_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def _assert_shardings(tree, abstract):
+    for x, a in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract)):
+        assert x.sharding.is_equivalent_to(a.sharding, x.ndim), (x.sharding, a.sharding)
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+    return make_mesh(fsdp=2)
+
+
+def test_save_restore_round_trip_interval_and_max_to_keep(tmp_path, mesh8):
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_interval_steps=2, max_to_keep=2)
+    saved = {}
+    for step in range(1, 6):
+        state = _make_state(mesh8, step, scale=step)
+        saved[step] = state
+        did = ckpt.save(step, state, {"config": {"lr": 1e-3, "name": "tiny"}, "data_position": step * 4})
+        assert did == (step % 2 == 0)
+    assert ckpt.save(5, saved[5], {"config": {}, "data_position": 20}, force=True)
+    assert not ckpt.save(5, saved[5], {"config": {}, "data_position": 20}, force=True)  # never overwrites
+    assert ckpt.all_steps() == [4, 5] and ckpt.latest_step() == 5
+
+    abstract = _abstract(saved[5], mesh8)
+    state, metadata, step = ckpt.restore_latest(abstract)  # right after an async save: it waits, not "corrupt"
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "5"]
+    assert step == 5 and int(state["step"]) == 5
+    assert metadata == {"config": {}, "data_position": 20}
+    _assert_tree_equal(state, saved[5])
+    _assert_shardings(state, abstract)
+    assert type(state["opt_state"][0]).__name__ == "ScaleByAdamState"
+
+    # A fresh Checkpointer (a restarted run) sees the same steps; an empty directory gives None.
+    with Checkpointer(tmp_path / "checkpoints", save_interval_steps=2) as again:
+        assert again.all_steps() == [4, 5]
+        assert again.restore_latest(abstract)[2] == 5
+    with Checkpointer(tmp_path / "empty", save_interval_steps=2) as empty:
+        assert empty.restore_latest(abstract) is None
+
+
+def test_restore_onto_fewer_devices_and_fsdp_layout(tmp_path, mesh8):
+    state8 = _make_state(mesh8, 7)
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        ckpt.save(7, state8, {"data_position": 0})
+    mesh4 = make_mesh(fsdp=4, devices=jax.devices()[:4])
+    abstract4 = _abstract(state8, mesh4)
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        state4, _, step = ckpt.restore_latest(abstract4)
+    assert step == 7
+    _assert_tree_equal(state4, state8)
+    _assert_shardings(state4, abstract4)
+    kernel = state4["params"]["dense"]["kernel"]
+    assert len(kernel.sharding.device_set) == 4 and kernel.addressable_shards[0].data.shape == (8, 4)
+
+
+def _garble_metadata(step_dir):
+    (step_dir / "metadata" / "metadata").write_text("{garbled")
+
+
+def _delete_array_data(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            if os.path.basename(root) == "d":  # OCDBT data files: the array bytes
+                os.remove(os.path.join(root, name))
+
+
+# Orbax's failed array reads sometimes finish on an already closed event loop (a background thread), which pytest
+# reports as an unraisable exception; that is orbax-internal noise, not our behaviour under test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("corrupt", [_garble_metadata, _delete_array_data])
+def test_corrupt_newest_falls_back_and_is_kept(tmp_path, mesh8, caplog, corrupt):
+    states = {s: _make_state(mesh8, s, scale=s) for s in (2, 4)}
+    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st, {"data_position": s})
+    corrupt(tmp_path / "4")
+    abstract = _abstract(states[2], mesh8)
+
+    ckpt = Checkpointer(tmp_path, save_interval_steps=2)
+    with caplog.at_level("WARNING"):
+        state, metadata, step = ckpt.restore_latest(abstract)
+    assert step == 2 and metadata == {"data_position": 2}
+    _assert_tree_equal(state, states[2])
+    assert any("step 4" in r.getMessage() and "cannot be restored" in r.getMessage() for r in caplog.records)
+    # The bad checkpoint is kept, set aside under a name orbax ignores.
+    assert (tmp_path / "4.corrupt-0" / "state").is_dir() and not (tmp_path / "4").exists()
+    assert ckpt.all_steps() == [2]
+
+    # The resumed run reaches step 4 again: saving it works, and it is what the next restart restores.
+    assert ckpt.save(4, _make_state(mesh8, 4, scale=40), {"data_position": 4})
+    ckpt.close()
+    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+        state, _, step = ckpt.restore_latest(abstract)
+    assert step == 4
+    _assert_tree_equal(state, _make_state(mesh8, 4, scale=40))
+    assert (tmp_path / "4.corrupt-0").is_dir()
+
+
+def test_all_unreadable_raises_and_moves_nothing(tmp_path, mesh8):
+    state = _make_state(mesh8, 2)
+    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+        ckpt.save(2, state, {})
+        ckpt.save(4, state, {})
+    _garble_metadata(tmp_path / "2")
+    _garble_metadata(tmp_path / "4")
+    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+        with pytest.raises(RuntimeError, match="no checkpoint in .* is readable: step 4: .*; step 2: "):
+            ckpt.restore_latest(_abstract(state, mesh8))
+    assert sorted(os.listdir(tmp_path)) == ["2", "4"]
+
+
+def test_mismatched_target_is_a_clear_error_and_moves_nothing(tmp_path, mesh8):
+    state = _make_state(mesh8, 2)
+    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+        ckpt.save(2, state, {})
+        ckpt.save(4, state, {})
+        ckpt.wait()
+        wrong = _abstract(state, mesh8)
+        wrong["params"]["dense"]["bias"] = jax.ShapeDtypeStruct((17,), jnp.float32, sharding=NamedSharding(mesh8, P()))
+        wrong["params"]["extra"] = wrong["params"]["emb"]
+        with pytest.raises(CheckpointMismatchError, match=r"step 4 .*params/extra: missing from the checkpoint; "
+                                                          r"params/dense/bias: checkpoint shape \(16,\) != target \(17,\)"):
+            ckpt.restore_latest(wrong)
+        unsharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        with pytest.raises(ValueError, match=r"abstract_state\['ema_params'\].*sharding"):
+            ckpt.restore_latest(unsharded)
+    assert sorted(os.listdir(tmp_path)) == ["2", "4"]
+
+
+def test_restore_params_reads_only_the_ema_subtree(tmp_path, mesh8):
+    states = {s: _make_state(mesh8, s, scale=s) for s in (3, 6)}
+    with Checkpointer(tmp_path, save_interval_steps=3) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st, {})
+    mesh4 = make_mesh(devices=jax.devices()[:4])
+    abstract = _abstract(states[6]["ema_params"], mesh4)
+    with Checkpointer(tmp_path, save_interval_steps=3) as ckpt:
+        ema = ckpt.restore_params(abstract)
+        ema3 = ckpt.restore_params(abstract, step=3)
+        params6 = ckpt.restore_params(abstract, item="params")
+        with pytest.raises(CheckpointMismatchError, match="no subtree 'ema'"):
+            ckpt.restore_params(abstract, item="ema")
+        with pytest.raises(FileNotFoundError, match="no checkpoint for step 5"):
+            ckpt.restore_params(abstract, step=5)
+    assert set(ema) == {"dense", "emb"}
+    _assert_tree_equal(ema, states[6]["ema_params"])
+    _assert_shardings(ema, abstract)
+    _assert_tree_equal(ema3, states[3]["ema_params"])
+    _assert_tree_equal(params6, states[6]["params"])
+
+
+def test_load_params_dir(tmp_path, mesh8):
+    params = jax.device_get(_make_state(mesh8)["params"])
+    with pytest.raises(FileNotFoundError, match="params is missing"):
+        load_params_dir(tmp_path / "nothing_here")
+    conv = tmp_path / "converted"
+    conv.mkdir()
+    (conv / "nnet.json").write_text(json.dumps({"img_size": 32, "depth": 2}))
+    with pytest.raises(FileNotFoundError, match=r"converted/params is missing"):
+        load_params_dir(conv)
+    (conv / "params").mkdir()
+    with pytest.raises(ValueError, match="cannot read the params checkpoint"):
+        load_params_dir(conv)  # an empty (or half-written) params dir
+
+    (conv / "params").rmdir()
+    saver = ocp.StandardCheckpointer()
+    saver.save(conv / "params", params)
+    saver.wait_until_finished()
+    saver.close()
+    host, nnet = load_params_dir(conv)
+    assert nnet == {"img_size": 32, "depth": 2}
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    _assert_tree_equal(host, params)
+    abstract = _abstract(params, mesh8)
+    placed, _ = load_params_dir(conv, abstract)
+    wrong = dict(abstract, emb=jax.ShapeDtypeStruct((5, 3), jnp.bfloat16, sharding=NamedSharding(mesh8, P())))
+    with pytest.raises(CheckpointMismatchError, match=r"emb: checkpoint shape \(3, 5\) != target \(5, 3\)"):
+        load_params_dir(conv, wrong)
+    _assert_tree_equal(placed, params)
+    _assert_shardings(placed, abstract)
+
+
+def test_typed_keys_and_bad_metadata_are_clear_errors(tmp_path, mesh8):
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        with pytest.raises(TypeError, match=r"state\['rng'\] is a typed PRNG key"):
+            ckpt.save(1, {"rng": jax.random.key(0), "x": jnp.zeros(2)}, {})
+        with pytest.raises(TypeError, match="JSON-serialisable"):
+            ckpt.save(1, {"x": jnp.zeros(2)}, {"bad": object()})
+        assert ckpt.all_steps() == []
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    import jax, jax.numpy as jnp
+    from uvit_jax.checkpoint import Checkpointer
+    ckpt = Checkpointer(sys.argv[1], save_interval_steps=1000)
+    state = {"step": jnp.asarray(0, jnp.int32), "params": {"w": jnp.zeros((4, 4))}}
+    bump = jax.jit(lambda s: {"step": s["step"] + 1, "params": {"w": s["params"]["w"] + 1.0}})
+    for step in range(1, 100000):
+        state = bump(state)
+        ckpt.save(step, state, {"data_position": step})
+        if ckpt.reached_preemption(step):
+            ckpt.save(step, state, {"data_position": step}, force=True)
+            ckpt.close()
+            print(f"PREEMPTED {step}", flush=True)
+            sys.exit(0)
+        print(f"step {step}", flush=True)
+        time.sleep(0.01)
+""")
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    try:
+        for line in child.stdout:
+            if line.startswith("step 20"):
+                child.send_signal(signal.SIGTERM)
+                break
+        out, _ = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0
+    stopped = [int(line.split()[1]) for line in out.splitlines() if line.startswith("PREEMPTED")]
+    assert len(stopped) == 1 and stopped[0] >= 20
+
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(make_mesh(), P())),
+                "params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=NamedSharding(make_mesh(), P()))}}
+    with Checkpointer(tmp_path, save_interval_steps=1000) as ckpt:
+        assert ckpt.all_steps() == stopped  # only the preemption save: no interval or initial save before it
+        state, metadata, step = ckpt.restore_latest(abstract)
+    assert step == stopped[0] == int(state["step"]) == metadata["data_position"]
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full((4, 4), step, np.float32))
