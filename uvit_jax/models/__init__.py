@@ -1,0 +1,102 @@
+"""U-ViT networks (Flax NNX, used functionally) and the helpers the trainer uses.
+
+A network is described by an `nnet` mapping: constructor kwargs plus "name" ("uvit" or "uvit_t2i"), as in
+`PRESETS`. The trainer keeps parameters as a plain nested dict (`init_params`) and calls the network through a
+pure function (`make_apply`), which rebuilds the module inside the traced function with `nnx.merge`.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from uvit_jax.models.flops import forward_macs
+from uvit_jax.models.presets import PRESETS
+from uvit_jax.models.uvit import UViT
+from uvit_jax.models.uvit_t2i import UViTT2I
+
+__all__ = ["PRESETS", "UViT", "UViTT2I", "build_model", "count_params", "forward_macs", "init_params",
+           "make_apply", "abstract_params", "nnet_kwargs"]
+
+_MODELS = {"uvit": UViT, "uvit_t2i": UViTT2I}
+
+
+def nnet_kwargs(nnet: Mapping) -> tuple[type, dict[str, Any]]:
+    """Split an nnet mapping into (module class, constructor kwargs); unknown names/keys raise a ValueError."""
+    nnet = dict(nnet.to_dict() if hasattr(nnet, "to_dict") else nnet)  # also accepts an ml_collections ConfigDict
+    name = nnet.pop("name", "uvit")
+    if name not in _MODELS:
+        raise ValueError(f"unknown network name {name!r}; expected one of {sorted(_MODELS)}")
+    cls = _MODELS[name]
+    params = inspect.signature(cls.__init__).parameters
+    allowed = {k for k, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD and k != "self"}
+    unknown = sorted(set(nnet) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {name} network option(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls, nnet
+
+
+def build_model(nnet: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str | None = None,
+                rngs: nnx.Rngs):
+    """Construct the UViT / UViTT2I module described by `nnet` (its "name" key selects the class).
+
+    attention_impl: None (XLA) or "cudnn" (cuDNN flash attention; GPU with bf16/fp16 compute).
+    """
+    cls, kwargs = nnet_kwargs(nnet)
+    return cls(**kwargs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+
+
+def _abstract_model(nnet: Mapping, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl=None):
+    return nnx.eval_shape(lambda: build_model(nnet, dtype=dtype, param_dtype=param_dtype,
+                                              attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+
+
+def init_params(nnet: Mapping, key: jax.Array, *, param_dtype=jnp.float32) -> dict:
+    """Freshly initialised parameters as a pure nested dict of arrays. Jittable (key may be traced)."""
+    model = build_model(nnet, param_dtype=param_dtype, rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(nnet: Mapping, *, param_dtype=jnp.float32) -> dict:
+    """The params dict's structure as ShapeDtypeStructs, without allocating (e.g. as an orbax restore target)."""
+    return jax.eval_shape(lambda: init_params(nnet, jax.random.key(0), param_dtype=param_dtype))
+
+
+def count_params(nnet: Mapping) -> int:
+    """Number of parameters, computed from shapes only (no allocation)."""
+    state = nnx.state(_abstract_model(nnet), nnx.Param)
+    return sum(x.size for x in jax.tree.leaves(state))
+
+
+def _leaf_paths(tree) -> set[str]:
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def make_apply(nnet: Mapping, *, dtype=jnp.float32, attention_impl: str | None = None) -> Callable[..., jax.Array]:
+    """Pure function `apply(params, x, t, cond=None) -> eps` for the network `nnet`, computing in `dtype`.
+
+    x is NHWC; t (B,) or scalar; cond is the int labels y for class models, the context (B, tokens, clip_dim) for
+    text models, and is ignored for unconditional models. Works under jax.jit / jax.grad (w.r.t. params) and
+    with sharded params; the graph definition is built once, here.
+    """
+    cls, kwargs = nnet_kwargs(nnet)
+    uses_cond = cls is UViTT2I or kwargs.get("num_classes", -1) > 0
+    graphdef, abstract_state = nnx.split(_abstract_model(nnet, dtype=dtype, attention_impl=attention_impl))
+    template = nnx.to_pure_dict(abstract_state)
+    structure = jax.tree.structure(template)
+
+    def apply(params: dict, x: jax.Array, t: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+        if jax.tree.structure(params) != structure:  # checked while tracing; free under jit
+            want, got = _leaf_paths(template), _leaf_paths(params)
+            raise ValueError(f"params do not match the network: missing {sorted(want - got)}, "
+                             f"unexpected {sorted(got - want)}")
+        state = jax.tree.map(lambda v: v, abstract_state)  # fresh Variables: never mutate the shared template
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(graphdef, state)
+        return model(x, t, cond) if uses_cond else model(x, t)
+
+    return apply
