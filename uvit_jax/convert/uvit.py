@@ -1,0 +1,196 @@
+"""Official U-ViT state dicts (PyTorch names and layouts) <-> our parameters (UVIT_SPEC.md §7).
+
+Our module attributes carry the official names, so a parameter path maps to an official key by joining with "."
+and renaming the leaf (kernel/scale/embedding -> weight); the only other rename is the optional time MLP
+(`time_embed.fc1/fc2` <-> `time_embed.0/2`). Layouts: Linear weight (out, in) <-> kernel (in, out); Conv2d weight
+OIHW <-> kernel HWIO. Conversion is strict: every official key must be used and every parameter filled.
+
+A converted checkpoint directory (written by `save_converted`, read by `load_converted`) holds
+  DIR/params     orbax StandardCheckpointer save of the pure params dict (float32 unless chosen otherwise)
+  DIR/nnet.json  the network description: constructor kwargs plus "name" ("uvit" | "uvit_t2i")
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uvit_jax.convert.pth import load_state_dict
+from uvit_jax.models import abstract_params, build_model, nnet_kwargs
+
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_TIME_MLP = {"fc1": "0", "fc2": "2"}
+# Order of the official state_dict (a module's own parameters first, then submodules in registration order).
+_OFFICIAL_ORDER = ["pos_embed", "patch_embed", "time_embed", "label_emb", "context_embed", "in_blocks", "mid_block",
+                   "out_blocks", "norm", "decoder_pred", "final_layer", "norm1", "attn", "qkv", "proj", "norm2",
+                   "mlp", "fc1", "fc2", "skip_linear", "weight", "bias"]
+
+
+def official_key(path: tuple) -> str:
+    """Our parameter path, e.g. ('in_blocks', 0, 'attn', 'qkv', 'kernel') -> 'in_blocks.0.attn.qkv.weight'."""
+    parts = [str(p) for p in path]
+    if len(parts) == 3 and parts[0] == "time_embed":
+        parts[1] = _TIME_MLP[parts[1]]
+    if len(parts) > 1:
+        parts[-1] = _LEAF_TO_TORCH[parts[-1]]
+    return ".".join(parts)
+
+
+def _official_sort_key(key: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, _OFFICIAL_ORDER.index(p), p) for p in key.split("."))
+
+
+def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    return value
+
+
+def _from_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    return value
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _strip_module_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop a uniform 'module.' prefix (a checkpoint saved from a DataParallel/DDP wrapper)."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def params_from_official(state_dict, nnet: Mapping, *, param_dtype=np.float32) -> dict:
+    """Official state dict (a dict of arrays or a checkpoint path) -> our pure params dict of numpy arrays.
+
+    Strict: raises ValueError listing missing / unexpected keys, or naming the key and both shapes on a mismatch.
+    """
+    sd = _strip_module_prefix(load_state_dict(state_dict))
+    target = _flatten(abstract_params(nnet))
+    expected = {official_key(path): path for path in target}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the network {dict(nnet)}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    flat = {}
+    for key, path in expected.items():
+        value = _from_torch_layout(path[-1], np.asarray(sd[key]))
+        want = tuple(target[path].shape)
+        if value.shape != want:
+            torch_want = _to_torch_layout(path[-1], np.empty(want, np.uint8)).shape
+            raise ValueError(f"shape mismatch for {key!r}: checkpoint has {tuple(np.shape(sd[key]))}, "
+                             f"the network expects {tuple(torch_want)}")
+        flat[path] = value.astype(param_dtype)
+    return _unflatten(flat)
+
+
+def params_to_official(params: Mapping, nnet: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Our pure params dict -> official state dict (PyTorch names and layouts), dtypes kept.
+
+    With `nnet`, the params' structure and shapes are checked against that network first.
+    """
+    flat = _flatten(params)
+    if nnet is not None:
+        # Compare by official key, so str block indices (an orbax restore without a target) are fine too.
+        want = {official_key(k): tuple(v.shape) for k, v in _flatten(abstract_params(nnet)).items()}
+        got = {official_key(k): tuple(np.shape(v)) for k, v in flat.items()}
+        problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
+        problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+        problems += [f"{k}: shape {got[k]}, expected {want[k]}" for k in sorted(want.keys() & got.keys())
+                     if got[k] != want[k]]
+        if problems:
+            raise ValueError(f"params do not match the network {dict(nnet)}: {problems}")
+    sd = {official_key(path): np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(v)))
+          for path, v in flat.items()}
+    return {k: sd[k] for k in sorted(sd, key=_official_sort_key)}
+
+
+def _split_official_kwargs(kwargs: dict) -> dict:
+    """Official constructor kwargs (as in ref_data manifest.json) -> nnet dict; "clip_dim" means the text model."""
+    nnet = dict(kwargs)
+    nnet.setdefault("name", "uvit_t2i" if "clip_dim" in nnet else "uvit")
+    return nnet
+
+
+def from_official(state_dict_or_path, *, dtype=jnp.float32, param_dtype=jnp.float32, **official_kwargs):
+    """Build a UViT / UViTT2I module (compute `dtype`, params `param_dtype`) holding official weights.
+
+    `official_kwargs` are the official constructor arguments (a "name" key may select the class explicitly).
+    float64 needs jax_enable_x64.
+    """
+    nnet = _split_official_kwargs(official_kwargs)
+    params = params_from_official(state_dict_or_path, nnet, param_dtype=param_dtype)
+    abstract = nnx.eval_shape(lambda: build_model(nnet, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda v: jnp.asarray(v, param_dtype), params))
+    return nnx.merge(graphdef, state)
+
+
+def to_official(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Official state dict (names, PyTorch layouts, param dtype) of a UViT / UViTT2I module."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return params_to_official(jax.tree.map(np.asarray, params))
+
+
+def save_converted(directory: str, params: Mapping, nnet: Mapping) -> None:
+    """Write DIR/params (orbax) and DIR/nnet.json. `directory` must not hold a previous `params`."""
+    import orbax.checkpoint as ocp
+
+    nnet_kwargs(nnet)  # validate before writing anything
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, "params"), dict(params))
+    with open(os.path.join(directory, "nnet.json"), "w") as f:
+        json.dump(dict(nnet), f, indent=1, sort_keys=True)
+
+
+def load_converted(directory: str, *, param_dtype=jnp.float32, shardings=None) -> tuple[dict, dict]:
+    """Read a directory written by `save_converted` -> (nnet, params) (via `checkpoint.load_params_dir`).
+
+    `shardings`: optional tree of jax Shardings matching the params (e.g. FSDP over a mesh); default: one device.
+    """
+    from uvit_jax import checkpoint
+
+    path = os.path.join(os.path.abspath(directory), "nnet.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} is not a converted checkpoint: {path} is missing")
+    with open(path) as f:
+        nnet = json.load(f)
+    # Restoring against the abstract tree keeps the int keys of the block lists (orbax would give str keys).
+    target = abstract_params(nnet, param_dtype=param_dtype)
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
+    params, _ = checkpoint.load_params_dir(directory, target)
+    return nnet, params
