@@ -1,0 +1,186 @@
+"""Training system: sharded == unsharded, warm-up/EMA/AdamW numbers, exact resume after SIGTERM, other topologies."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uvit_jax import checkpoint, parallel, train
+from uvit_jax.benchmark import synthetic_batch
+
+from helpers import load_config, tiny_config
+
+
+def run_steps(trainer, state, batches):
+    for b in batches:
+        state, metrics = trainer.step_fn(state, trainer.to_global(b))
+    return state, metrics
+
+
+def host_batches(config, n, seed=0):
+    out = []
+    for i in range(n):
+        b = synthetic_batch(config, config.train.batch_size)
+        rng = np.random.default_rng(seed + i)
+        b["image"] = rng.uniform(-1, 1, b["image"].shape).astype(np.float32)
+        out.append(b)
+    return out
+
+
+def max_abs_diff(a, b):
+    a, b = jax.device_get(a), jax.device_get(b)
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_sharded_step_equals_single_device(digits_dir):
+    config = tiny_config(digits_dir)
+    config.dataset.p_uncond = 0.3  # exercise the condition drop too
+    batches = host_batches(config, 3)
+    one = train.Trainer(config, mesh=parallel.make_mesh(devices=jax.devices()[:1]), null_cond=10)
+    eight = train.Trainer(config, null_cond=10)
+    fsdp = load_config("test_tiny")
+    fsdp.mesh.fsdp = 2
+    fsdp.dataset.p_uncond = 0.3
+    eight_fsdp = train.Trainer(fsdp, null_cond=10)
+    s1, m1 = run_steps(one, one.init(), batches)
+    s8, m8 = run_steps(eight, eight.init(), batches)
+    sf, mf = run_steps(eight_fsdp, eight_fsdp.init(), batches)
+    assert float(m1["loss"]) > 0
+    assert max_abs_diff(s1["params"], s8["params"]) < 1e-6
+    assert max_abs_diff(s1["ema_params"], s8["ema_params"]) < 1e-6
+    assert max_abs_diff(s1["params"], sf["params"]) < 1e-6
+    assert abs(float(m1["loss"]) - float(m8["loss"])) < 1e-6
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients(digits_dir):
+    """An accumulated step applies the mean of the micro-batch gradients (each with its own derived key)."""
+    config = tiny_config(digits_dir)
+    config.train.grad_accum_steps = 2
+    config.optimizer.lr, config.lr_scheduler.warmup_steps = 1e-3, 0
+    trainer = train.Trainer(config, null_cond=10)
+    state = trainer.init()
+    params0 = jax.device_get(state["params"])
+    host = host_batches(config, 1)[0]
+    new_state, metrics = trainer.step_fn(state, trainer.to_global(host))
+
+    loss_fn = train.make_loss_fn(config, null_cond=10)
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    micro = train.split_micro_batches(jax.tree.map(jnp.asarray, host), 2)
+    results = [jax.value_and_grad(loss_fn)(params0, jax.tree.map(lambda x: x[a], micro), jax.random.fold_in(key, a))
+               for a in range(2)]
+    grads = jax.tree.map(lambda g0, g1: (g0 + g1) / 2, results[0][1], results[1][1])
+    tx = train.make_optimizer(config)
+    updates, _ = tx.update(grads, tx.init(params0), params0)
+    expected = jax.tree.map(lambda p, u: p + u, params0, updates)
+    assert max_abs_diff(expected, new_state["params"]) < 1e-6
+    assert float(metrics["loss"]) == pytest.approx((float(results[0][0]) + float(results[1][0])) / 2, rel=1e-5)
+
+
+def test_warmup_lr_matches_official_numbers():
+    sched = train.warmup_schedule(2e-4, 5000)
+    lrs = [float(sched(jnp.asarray(k))) for k in range(3)]
+    np.testing.assert_allclose(lrs, [0.0, 4e-8, 8e-8], rtol=1e-6, atol=0)
+    assert float(sched(jnp.asarray(5000))) == pytest.approx(2e-4)
+    assert float(sched(jnp.asarray(10 ** 6))) == pytest.approx(2e-4)  # no decay
+
+
+def test_adamw_and_ema_follow_the_official_update():
+    """Two steps of our optimizer + EMA against a NumPy transcription of torch.optim.AdamW and the official ema()."""
+    config = load_config("test_tiny")
+    config.optimizer.lr, config.lr_scheduler.warmup_steps = 1e-2, 1
+    tx = train.make_optimizer(config)
+    p = {"w": jnp.array([0.5, -1.0, 2.0])}
+    grads = [np.array([0.1, -0.2, 0.3]), np.array([-0.4, 0.5, 0.05])]
+    state, ema = tx.init(p), p
+    ref_p, m, v = np.array(p["w"]), np.zeros(3), np.zeros(3)
+    ref_ema = ref_p.copy()
+    b1, b2 = config.optimizer.betas
+    wd, eps = config.optimizer.weight_decay, config.optimizer.eps
+    for k, g in enumerate(grads):
+        upd, state = tx.update({"w": jnp.asarray(g)}, state, p)
+        p = jax.tree.map(lambda a, u: a + u, p, upd)
+        ema = train.ema_update(ema, p, config.ema_rate)
+        lr = 1e-2 * min(k / 1, 1.0)
+        ref_p = ref_p * (1 - lr * wd)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        ref_p = ref_p - lr * (m / (1 - b1 ** (k + 1))) / (np.sqrt(v / (1 - b2 ** (k + 1))) + eps)
+        ref_ema = ref_ema * config.ema_rate + ref_p * (1 - config.ema_rate)
+    np.testing.assert_allclose(np.asarray(p["w"]), ref_p, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ema["w"]), ref_ema, rtol=1e-6)
+    # the first step ran at lr 0: only step two moved the weights
+    assert not np.allclose(ref_p, [0.5, -1.0, 2.0])
+
+
+def test_train_step_traces_once(digits_dir):
+    config = tiny_config(digits_dir)
+    traces = []
+    step = train.make_train_step(config, null_cond=10)
+
+    def counted(state, batch):
+        traces.append(1)
+        return step(state, batch)
+
+    trainer = train.Trainer(config, null_cond=10)
+    fn = jax.jit(counted, in_shardings=(trainer.state_sharding, trainer.batch_sharding),
+                 out_shardings=(trainer.state_sharding, trainer.replicated), donate_argnums=0)
+    state = trainer.init()
+    for b in host_batches(config, 3):
+        state, _ = fn(state, trainer.to_global(b))
+    assert len(traces) == 1
+
+
+def _sigterm_at(step_to_stop):
+    def callback(step, state):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+    return callback
+
+
+def test_exact_resume_after_sigterm_and_on_fewer_devices(digits_dir, tmp_path):
+    """8 straight steps == 4 steps, SIGTERM, restart to 8 (bitwise); and a restart on a 4-device mesh continues."""
+    n = 8
+    straight = train.train_and_evaluate(tiny_config(digits_dir, n_steps=n), str(tmp_path / "straight"))
+
+    config = tiny_config(digits_dir, n_steps=n, save_interval=100, fid_interval=1)
+    workdir = str(tmp_path / "interrupted")
+    first = train.train_and_evaluate(config, workdir, eval_callback=_sigterm_at(n // 2))
+    assert int(first["step"]) == n // 2  # stopped early on SIGTERM, after saving
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1)
+    assert ckpt.latest_step() == n // 2
+    ckpt.close()
+    checkpoint.reset_preemption_request()  # a real restart is a new process
+    resumed = train.train_and_evaluate(tiny_config(digits_dir, n_steps=n), workdir)
+    assert int(resumed["step"]) == n
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # The checkpoint saved on 8 devices resumes on a 4-device mesh and keeps training.
+    four = parallel.make_mesh(devices=jax.devices()[:4])
+    more = train.train_and_evaluate(tiny_config(digits_dir, n_steps=n + 2), workdir, mesh=four)
+    assert int(more["step"]) == n + 2
+    leaf = jax.tree.leaves(more["params"])[0]
+    assert len(leaf.sharding.device_set) == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(more["params"]))
+
+
+def test_training_writes_grid_events_and_config(digits_dir, tmp_path):
+    config = tiny_config(digits_dir, n_steps=2, eval_interval=2, log_interval=1)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert os.path.exists(tmp_path / "config.json")
+    assert os.path.exists(tmp_path / "grids" / "step_00000002.png")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_dir, tmp_path):
+    config = tiny_config(digits_dir, n_steps=4, save_interval=2, log_interval=2)
+    train.train_and_evaluate(config, str(tmp_path))  # a good checkpoint at 2 and 4
+    config = tiny_config(digits_dir, n_steps=8, save_interval=2, log_interval=2)
+    config.optimizer.lr = float("inf")  # the next update makes every param non-finite
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 4"):
+        train.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpoint.Checkpointer(os.path.join(str(tmp_path), "checkpoints"), save_interval_steps=1)
+    assert ckpt.latest_step() == 4
+    ckpt.close()
