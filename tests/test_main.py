@@ -86,3 +86,13 @@ def test_sample_resume_and_eval(digits_dir, tmp_path):
     assert metrics["n_samples"] == 40
     written = glob.glob(os.path.join(workdir, "eval", "metrics_*.json"))
     assert len(written) == 1 and json.load(open(written[0]))["fid"] == pytest.approx(metrics["fid"])
+
+
+def test_quickstart_config_runs_end_to_end(digits_dir, tmp_path):
+    """A few steps of the real quickstart config through main.py, with its grid (the full run is a README command)."""
+    r = run_main("--config", "configs/quickstart.py", "--workdir", str(tmp_path), f"--config.dataset.data_dir={digits_dir}",
+                 "--config.train.n_steps=3", "--config.train.eval_interval=3", "--config.train.log_interval=1",
+                 "--config.sample.grid_size=20")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(tmp_path / "grids" / "step_00000003.png")
+    assert "loss=" in r.stderr

@@ -5,6 +5,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from uvit_jax import checkpoint, parallel, train
@@ -74,7 +75,9 @@ def test_gradient_accumulation_averages_micro_batch_gradients(digits_dir):
     tx = train.make_optimizer(config)
     updates, _ = tx.update(grads, tx.init(params0), params0)
     expected = jax.tree.map(lambda p, u: p + u, params0, updates)
-    assert max_abs_diff(expected, new_state["params"]) < 1e-6
+    # Adam's first step is nearly sign(g): params pin the direction, the gradient norm pins the averaging.
+    assert max_abs_diff(expected, new_state["params"]) < 1e-5
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-5)
     assert float(metrics["loss"]) == pytest.approx((float(results[0][0]) + float(results[1][0])) / 2, rel=1e-5)
 
 

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.method = "fast"
     c.sample.order = 3
     c.sample.skip_type = "logSNR"
+    c.sample.thresholding = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel space; off officially)
     c.sample.path = config_dict.placeholder(str)  # where sample mode writes; default WORKDIR/samples
     # Sample from a converted official checkpoint (python -m uvit_jax.convert ... --output DIR) instead of the
     # EMA params of WORKDIR's newest checkpoint.
@@ -126,7 +127,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     need(config.mesh.fsdp >= 1, "mesh.fsdp", "must be >= 1")
     need("name" in config.nnet and config.nnet.name in ("uvit", "uvit_t2i"), "nnet.name", "must be 'uvit' or 'uvit_t2i'")
     need(config.dataset.name is not None, "dataset.name", "must be set")
-    if config.sample.algorithm.startswith("euler") :
+    if config.sample.thresholding:
+        need(config.sample.algorithm == "dpm_solver_pp", "sample.thresholding", "applies to dpm_solver_pp only")
+    if config.sample.algorithm.startswith("euler"):
         need(config.schedule == "vp", "sample.algorithm", "Euler-Maruyama is defined for the vp schedule only")
     if config.sample.cfg or config.dataset.p_uncond > 0:
         need(config.nnet.get("num_classes", 0) > 0 or config.nnet.name == "uvit_t2i", "sample.cfg",

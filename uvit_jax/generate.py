@@ -46,7 +46,7 @@ def num_real_classes(nnet: dict, cfg_trained: bool) -> int:
 
 def make_generate_fn(apply: Callable, schedule, *, algorithm: str, steps: int, image_shape: tuple[int, ...],
                      method: str = "fast", order: int = 3, skip_type: str = "logSNR", scale: float = 0.0,
-                     null_cond: Any = None) -> Callable:
+                     null_cond: Any = None, thresholding: bool = False) -> Callable:
     """Returns `generate(params, key, cond, batch_size) -> x_0` (NHWC, model space, not clipped); jit it.
 
     `cond` is the per-sample labels / contexts (None for unconditional models). With scale > 0, eps is
@@ -64,7 +64,8 @@ def make_generate_fn(apply: Callable, schedule, *, algorithm: str, steps: int, i
         eps_fn = diffusion.make_eps_fn(net_fn, schedule, cond)
         if algorithm in ("dpm_solver", "dpm_solver_pp"):
             return diffusion.dpm_solver_sample(eps_fn, x_T, schedule, steps=steps, order=order, method=method,
-                                               skip_type=skip_type, predict_x0=algorithm == "dpm_solver_pp")
+                                               skip_type=skip_type, predict_x0=algorithm == "dpm_solver_pp",
+                                               thresholding=thresholding)
         if algorithm in ("euler_maruyama_sde", "euler_maruyama_ode"):
             return diffusion.euler_maruyama_sample(eps_fn, x_T, sde_key, schedule, steps=steps,
                                                    sde=algorithm.endswith("sde"))
@@ -81,7 +82,7 @@ def make_generate_from_config(config, apply: Callable, *, image_shape: tuple[int
     return make_generate_fn(
         apply, make_schedule(config.schedule), algorithm=config.sample.algorithm,
         steps=steps or config.sample.sample_steps, image_shape=image_shape, method=config.sample.method,
-        order=config.sample.order, skip_type=config.sample.skip_type,
+        order=config.sample.order, skip_type=config.sample.skip_type, thresholding=config.sample.thresholding,
         scale=config.sample.scale if use_cfg else 0.0,
         null_cond=null_condition(nnet, null_context) if use_cfg else None)
 

@@ -2,7 +2,7 @@
 
 | name           | TFDS split | geometry (UVIT_SPEC.md §6.1)                                | flip default | labels |
 |----------------|------------|-------------------------------------------------------------|--------------|--------|
-| uvit_digits    | train      | 28x28x1, centred on image_size (default 32, black border)   | off          | 10     |
+| uvit_digits    | train      | 28x28x1, centred on image_size (default 32, black border), or box-downsampled below 28 | off          | 10     |
 | cifar10        | train      | 32x32x3 as is (image_size must be 32)                       | on           | 10     |
 | celeb_a        | train      | crop box top 57 left 25 128x128 -> bilinear resize (64)     | on (always in the official code) | none |
 | imagenet2012   | train      | ADM center_crop_arr to image_size (64)                      | on           | 1000   |
@@ -53,6 +53,8 @@ def _geometry(name: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
     if name == "uvit_digits":
         if size == 28:
             return lambda img: img
+        if size < 28:
+            return lambda img: preprocess.box_downsample(img, size)
         return lambda img: preprocess.pad_to(img, size, 0)
     if name == "cifar10":
         if size != 32:

@@ -60,6 +60,11 @@ def pad_to(image: np.ndarray, size: int, value: int = 0) -> np.ndarray:
     return out
 
 
+def box_downsample(image: np.ndarray, size: int) -> np.ndarray:
+    """Shrink an HWC uint8 image to `size`x`size` with PIL's box (area-average) filter (digits below 28)."""
+    return _array(_pil(image).resize((size, size), Image.BOX), image.shape[-1])
+
+
 def _pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
