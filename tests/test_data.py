@@ -290,3 +290,14 @@ def test_coco_latents_official_format(tmp_path):
             assert len(k) == 1
             chosen.add((i, k[0]))
     assert chosen == set(contexts)  # 20 epochs: every caption of every image gets drawn
+
+
+def test_digits_box_downsample_averages_areas():
+    """Digits below 28 pixels (the quickstart's 16x16) are area averages: a white quadrant stays a quadrant."""
+    img = np.zeros((28, 28, 1), np.uint8)
+    img[:14, :14] = 255
+    out = preprocess.box_downsample(img, 16)
+    assert out.shape == (16, 16, 1) and out.dtype == np.uint8
+    assert (out[:8, :8] == 255).all() and (out[8:] == 0).all() and (out[:, 8:] == 0).all()
+    ramp = np.tile(np.arange(28, dtype=np.uint8)[None, :, None] * 9, (28, 1, 1))
+    np.testing.assert_allclose(preprocess.box_downsample(ramp, 14)[0, :, 0], ramp[0, 0::2, 0] + 4.5, atol=1)
