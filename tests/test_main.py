@@ -46,9 +46,14 @@ def test_main_trains_then_resumes(digits_dir, tmp_path):
     r = run_main(*common, "--config.train.n_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(os.path.join(workdir, "grids", "step_00000002.png"))
-    r = run_main(*common, "--config.train.n_steps=4")
+    # the resumed run also computes FID-16 every 2 steps (stand-in features, reference stats from the digits)
+    r = run_main(*common, "--config.train.n_steps=4", "--config.train.fid_interval=2",
+                 "--config.train.fid_n_samples=16", "--config.eval.inception_path=standin",
+                 "--config.eval.ref_stats=", "--config.eval.batch_size=256")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed from step 2" in r.stderr
+    assert "step 4: FID-16" in r.stderr
+    assert os.path.exists(os.path.join(workdir, "eval", "ref_stats_uvit_digits_32.npz"))
     assert sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(workdir, "checkpoints", "*"))
                   if os.path.basename(d).isdigit())[-1] == 4
 

@@ -8,7 +8,6 @@ repeats an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, Callable
@@ -317,7 +316,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
             out[f"{prefix}{k}"] = v
     return out
 
-
-def load_config_json(workdir: str) -> dict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return json.load(f)
