@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -82,6 +83,17 @@ def test_sample_resume_and_eval(digits_dir, tmp_path):
     np.testing.assert_array_equal(np.load(lost)["images"], images[1])
     assert all(os.path.getmtime(f) == t for f, t in before.items())
     assert sum(np.load(f)["images"].shape[0] for f in sample.sample_files(out)) == 40
+
+    # the same EMA params as a converted-checkpoint dir (what `python -m uvit_jax.convert` writes) sample the same
+    from uvit_jax import convert
+    params, _ = sample.load_ema_params(config, workdir)
+    convert.save_converted(str(tmp_path / "converted"), jax.device_get(params), dict(config.nnet))
+    config.sample.params_dir = str(tmp_path / "converted")
+    config.sample.path = str(tmp_path / "from_converted")
+    config.sample.n_samples = 16
+    sample.sample_to_dir(config, workdir)
+    np.testing.assert_array_equal(np.load(tmp_path / "from_converted" / "batch_000000.npz")["images"], images[0])
+    config.sample.params_dir, config.sample.path = None, None
 
     config.eval.inception_path = "standin"
     config.eval.ref_stats = None

@@ -33,7 +33,9 @@ def load_ema_params(config, workdir: str):
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if config.sample.params_dir:
         params, saved_nnet = checkpoint.load_params_dir(config.sample.params_dir, abstract)
-        mismatched = {k: (v, nnet.get(k)) for k, v in saved_nnet.items() if nnet.get(k) != v}
+        # use_checkpoint (remat) changes no parameter, so it may differ
+        mismatched = {k: (v, nnet.get(k)) for k, v in saved_nnet.items()
+                      if k != "use_checkpoint" and nnet.get(k) != v}
         if mismatched:
             raise ValueError(f"{config.sample.params_dir}/nnet.json does not match config.nnet: {mismatched}")
         return params, mesh
