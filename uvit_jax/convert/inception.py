@@ -118,7 +118,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         state_dict = load_torch_file(path)
     except ValueError as e:
-        # The 2019 release file may predate torch's zip format; an .npz export works everywhere.
+        # Both torch formats (zip and the legacy one of the 2019 release file) are read; an .npz export is the fallback.
         raise ValueError(f"{e}\nAlternatively export the weights once where torch is installed: "
                          "np.savez('pt_inception.npz', **{k: v.numpy() for k, v in torch.load(PATH).items()}) "
                          "and pass the .npz") from e
