@@ -42,8 +42,22 @@ def _log_alpha_from_lambda(lam):
     return -0.5 * _xp(lam).logaddexp(0.0, -2.0 * lam)
 
 
+class _FromLogAlpha:
+    """alpha, sigma and lambda of a VP schedule, derived from its `log_alpha(t)`."""
+
+    def alpha(self, t):
+        log_alpha = self.log_alpha(t)
+        return _xp(log_alpha).exp(log_alpha)
+
+    def sigma(self, t):
+        return _sigma_from_log_alpha(self.log_alpha(t))
+
+    def lambda_(self, t):
+        return _lambda_from_log_alpha(self.log_alpha(t))
+
+
 @dataclasses.dataclass(frozen=True)
-class VPSchedule:
+class VPSchedule(_FromLogAlpha):
     """Continuous VP SDE with linear beta(t) = beta_0 + t (beta_1 - beta_0) (`sde.py`, `dpm_solver_pytorch.py`).
 
     alpha_t^2 = exp(-(beta_0 t + (beta_1 - beta_0) t^2 / 2)); the network sees 999 t.
@@ -61,16 +75,6 @@ class VPSchedule:
     def log_alpha(self, t):
         t = _as_array(t)
         return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
-
-    def alpha(self, t):
-        log_alpha = self.log_alpha(t)
-        return _xp(log_alpha).exp(log_alpha)
-
-    def sigma(self, t):
-        return _sigma_from_log_alpha(self.log_alpha(t))
-
-    def lambda_(self, t):
-        return _lambda_from_log_alpha(self.log_alpha(t))
 
     def t_from_lambda(self, lam):
         """Closed-form inverse of `lambda_`: with L = log(1 + e^{-2 lambda}) = -2 log alpha,
@@ -93,7 +97,7 @@ class VPSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class DiscreteSchedule:
+class DiscreteSchedule(_FromLogAlpha):
     """Stable-Diffusion discrete schedule: beta_n = linspace(sqrt(start), sqrt(end), n)^2, n = 1..N.
 
     Training uses abar_n from float64 betas; the solvers use `dpm_solver_pp.py`'s continuous extension: knots
@@ -131,16 +135,6 @@ class DiscreteSchedule:
     def log_alpha(self, t):
         knots_t, knots_la = self._knots
         return _interp_linear_extrapolate(_as_array(t), knots_t, knots_la)
-
-    def alpha(self, t):
-        log_alpha = self.log_alpha(t)
-        return _xp(log_alpha).exp(log_alpha)
-
-    def sigma(self, t):
-        return _sigma_from_log_alpha(self.log_alpha(t))
-
-    def lambda_(self, t):
-        return _lambda_from_log_alpha(self.log_alpha(t))
 
     def t_from_lambda(self, lam):
         lam = _as_array(lam)
