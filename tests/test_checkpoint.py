@@ -1,4 +1,7 @@
-"""Checkpointer: round trip, re-sharding onto fewer devices, corrupt-checkpoint fallback, SIGTERM, partial restore."""
+"""Checkpointer: round trip, checksum record, re-sharding onto fewer devices, clear errors, SIGTERM, EMA-only restore.
+
+Faults (corrupt steps, failed saves, the workdir lock, hostile files) are in test_faults.py.
+"""
 import json
 import os
 import signal
@@ -14,7 +17,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uvit_jax.checkpoint import CheckpointMismatchError, Checkpointer, load_params_dir
+from uvit_jax import preemption
+from uvit_jax.checkpoint import (CheckpointMismatchError, Checkpointer, NoCheckpointError, NonFiniteStateError,
+                                 config_differences, restore_ema_params)
+from uvit_jax.convert.uvit import read_params_dir as load_params_dir
 from uvit_jax.parallel import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +66,13 @@ def _assert_shardings(tree, abstract):
         assert x.sharding.is_equivalent_to(a.sharding, x.ndim), (x.sharding, a.sharding)
 
 
+def _snapshot(directory):
+    """Every path under `directory` with its size and modification time."""
+    return sorted((os.path.relpath(os.path.join(root, name), directory), os.stat(os.path.join(root, name)).st_size,
+                   os.stat(os.path.join(root, name)).st_mtime_ns)
+                  for root, dirs, files in os.walk(directory) for name in dirs + files)
+
+
 @pytest.fixture(scope="module")
 def mesh8():
     return make_mesh(fsdp=2)
@@ -71,8 +84,10 @@ def test_save_restore_round_trip_interval_and_max_to_keep(tmp_path, mesh8):
     for step in range(1, 6):
         state = _make_state(mesh8, step, scale=step)
         saved[step] = state
+        assert ckpt.should_save(step) == (step % 2 == 0)
         did = ckpt.save(step, state, {"config": {"lr": 1e-3, "name": "tiny"}, "data_position": step * 4})
         assert did == (step % 2 == 0)
+        ckpt.check_health()
     assert ckpt.save(5, saved[5], {"config": {}, "data_position": 20}, force=True)
     assert not ckpt.save(5, saved[5], {"config": {}, "data_position": 20}, force=True)  # never overwrites
     assert ckpt.all_steps() == [4, 5] and ckpt.latest_step() == 5
@@ -82,10 +97,14 @@ def test_save_restore_round_trip_interval_and_max_to_keep(tmp_path, mesh8):
     ckpt.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "5"]
     assert step == 5 and int(state["step"]) == 5
-    assert metadata == {"config": {}, "data_position": 20}
+    assert metadata == {"config": {}, "data_position": 20}  # the checksum record is the checkpointer's own
     _assert_tree_equal(state, saved[5])
     _assert_shardings(state, abstract)
     assert type(state["opt_state"][0]).__name__ == "ScaleByAdamState"
+    on_disk = json.loads((tmp_path / "checkpoints" / "5" / "metadata" / "metadata").read_text())
+    leaves = on_disk["checksums"]["leaves"]
+    assert len(leaves) == len(jax.tree.leaves(saved[5])) and leaves["params/emb"]["dtype"] == "bfloat16"
+    assert leaves["params/dense/kernel"]["sum"] != leaves["ema_params/dense/kernel"]["sum"]
 
     # A fresh Checkpointer (a restarted run) sees the same steps; an empty directory gives None.
     with Checkpointer(tmp_path / "checkpoints", save_interval_steps=2) as again:
@@ -93,6 +112,31 @@ def test_save_restore_round_trip_interval_and_max_to_keep(tmp_path, mesh8):
         assert again.restore_latest(abstract)[2] == 5
     with Checkpointer(tmp_path / "empty", save_interval_steps=2) as empty:
         assert empty.restore_latest(abstract) is None
+
+
+def test_protected_step_outlives_max_to_keep(tmp_path, mesh8):
+    state = _make_state(mesh8, 1)
+    with Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2) as ckpt:
+        for step in (2, 4, 6, 8):
+            ckpt.save(step, state, {})
+            if step == 4:
+                ckpt.protect_step(4)  # e.g. the best FID so far
+        ckpt.wait()
+        assert ckpt.all_steps() == [4, 6, 8]
+        ckpt.protect_step(8)  # a better one: 4 goes back to the normal policy
+        ckpt.save(10, state, {})
+        ckpt.wait()
+        assert ckpt.all_steps() == [8, 10]
+    assert sorted(os.listdir(tmp_path), key=int) == ["8", "10"]
+
+
+def test_constructor_has_no_side_effects_but_the_directory(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_interval_steps=1)
+    assert signal.getsignal(signal.SIGTERM) is before  # signal handling belongs to the loop (preemption.py)
+    assert os.listdir(tmp_path) == ["checkpoints"] and os.listdir(tmp_path / "checkpoints") == []
+    ckpt.close()
+    ckpt.close()  # idempotent
 
 
 def test_restore_onto_fewer_devices_and_fsdp_layout(tmp_path, mesh8):
@@ -108,62 +152,6 @@ def test_restore_onto_fewer_devices_and_fsdp_layout(tmp_path, mesh8):
     _assert_shardings(state4, abstract4)
     kernel = state4["params"]["dense"]["kernel"]
     assert len(kernel.sharding.device_set) == 4 and kernel.addressable_shards[0].data.shape == (8, 4)
-
-
-def _garble_metadata(step_dir):
-    (step_dir / "metadata" / "metadata").write_text("{garbled")
-
-
-def _delete_array_data(step_dir):
-    for root, _, files in os.walk(step_dir / "state"):
-        for name in files:
-            if os.path.basename(root) == "d":  # OCDBT data files: the array bytes
-                os.remove(os.path.join(root, name))
-
-
-# Orbax's failed array reads sometimes finish on an already closed event loop (a background thread), which pytest
-# reports as an unraisable exception; that is orbax-internal noise, not our behaviour under test.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("corrupt", [_garble_metadata, _delete_array_data])
-def test_corrupt_newest_falls_back_and_is_kept(tmp_path, mesh8, caplog, corrupt):
-    states = {s: _make_state(mesh8, s, scale=s) for s in (2, 4)}
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
-        for s, st in states.items():
-            ckpt.save(s, st, {"data_position": s})
-    corrupt(tmp_path / "4")
-    abstract = _abstract(states[2], mesh8)
-
-    ckpt = Checkpointer(tmp_path, save_interval_steps=2)
-    with caplog.at_level("WARNING"):
-        state, metadata, step = ckpt.restore_latest(abstract)
-    assert step == 2 and metadata == {"data_position": 2}
-    _assert_tree_equal(state, states[2])
-    assert any("step 4" in r.getMessage() and "cannot be restored" in r.getMessage() for r in caplog.records)
-    # The bad checkpoint is kept, set aside under a name orbax ignores.
-    assert (tmp_path / "4.corrupt-0" / "state").is_dir() and not (tmp_path / "4").exists()
-    assert ckpt.all_steps() == [2]
-
-    # The resumed run reaches step 4 again: saving it works, and it is what the next restart restores.
-    assert ckpt.save(4, _make_state(mesh8, 4, scale=40), {"data_position": 4})
-    ckpt.close()
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
-        state, _, step = ckpt.restore_latest(abstract)
-    assert step == 4
-    _assert_tree_equal(state, _make_state(mesh8, 4, scale=40))
-    assert (tmp_path / "4.corrupt-0").is_dir()
-
-
-def test_all_unreadable_raises_and_moves_nothing(tmp_path, mesh8):
-    state = _make_state(mesh8, 2)
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
-        ckpt.save(2, state, {})
-        ckpt.save(4, state, {})
-    _garble_metadata(tmp_path / "2")
-    _garble_metadata(tmp_path / "4")
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
-        with pytest.raises(RuntimeError, match="no checkpoint in .* is readable: step 4: .*; step 2: "):
-            ckpt.restore_latest(_abstract(state, mesh8))
-    assert sorted(os.listdir(tmp_path)) == ["2", "4"]
 
 
 def test_mismatched_target_is_a_clear_error_and_moves_nothing(tmp_path, mesh8):
@@ -184,26 +172,33 @@ def test_mismatched_target_is_a_clear_error_and_moves_nothing(tmp_path, mesh8):
     assert sorted(os.listdir(tmp_path)) == ["2", "4"]
 
 
-def test_restore_params_reads_only_the_ema_subtree(tmp_path, mesh8):
+def test_restore_ema_params_reads_only_the_ema_subtree_and_creates_nothing(tmp_path, mesh8):
     states = {s: _make_state(mesh8, s, scale=s) for s in (3, 6)}
-    with Checkpointer(tmp_path, save_interval_steps=3) as ckpt:
+    with Checkpointer(tmp_path / "ckpt", save_interval_steps=3) as ckpt:
         for s, st in states.items():
             ckpt.save(s, st, {})
+    before = _snapshot(tmp_path / "ckpt")
     mesh4 = make_mesh(devices=jax.devices()[:4])
     abstract = _abstract(states[6]["ema_params"], mesh4)
-    with Checkpointer(tmp_path, save_interval_steps=3) as ckpt:
-        ema = ckpt.restore_params(abstract)
-        ema3 = ckpt.restore_params(abstract, step=3)
-        params6 = ckpt.restore_params(abstract, item="params")
-        with pytest.raises(CheckpointMismatchError, match="no subtree 'ema'"):
-            ckpt.restore_params(abstract, item="ema")
-        with pytest.raises(FileNotFoundError, match="no checkpoint for step 5"):
-            ckpt.restore_params(abstract, step=5)
-    assert set(ema) == {"dense", "emb"}
+    ema, step = restore_ema_params(tmp_path / "ckpt", abstract)
+    ema3, step3 = restore_ema_params(str(tmp_path / "ckpt"), abstract, step=3)
+    assert (step, step3) == (6, 3) and set(ema) == {"dense", "emb"}
     _assert_tree_equal(ema, states[6]["ema_params"])
     _assert_shardings(ema, abstract)
     _assert_tree_equal(ema3, states[3]["ema_params"])
-    _assert_tree_equal(params6, states[6]["params"])
+    with pytest.raises(NoCheckpointError, match=r"no checkpoint for step 5 in .*ckpt; saved steps: \[3, 6\]"):
+        restore_ema_params(tmp_path / "ckpt", abstract, step=5)
+    wrong = dict(abstract, emb=jax.ShapeDtypeStruct((5, 3), jnp.bfloat16, sharding=NamedSharding(mesh4, P())))
+    with pytest.raises(CheckpointMismatchError, match=r"emb: checkpoint shape \(3, 5\) != target \(5, 3\)"):
+        restore_ema_params(tmp_path / "ckpt", wrong)
+    # Missing directories and empty ones are NoCheckpointError (a FileNotFoundError), and nothing is created.
+    for missing in (tmp_path / "nowhere", tmp_path / "empty"):
+        if missing.name == "empty":
+            missing.mkdir()
+        with pytest.raises(FileNotFoundError, match=f"no checkpoint .*{missing.name}"):
+            restore_ema_params(missing, abstract)
+    assert not (tmp_path / "nowhere").exists() and os.listdir(tmp_path / "empty") == []
+    assert _snapshot(tmp_path / "ckpt") == before
 
 
 def test_load_params_dir(tmp_path, mesh8):
@@ -237,32 +232,69 @@ def test_load_params_dir(tmp_path, mesh8):
     _assert_shardings(placed, abstract)
 
 
-def test_typed_keys_and_bad_metadata_are_clear_errors(tmp_path, mesh8):
+def test_typed_keys_bad_metadata_and_nonfinite_state_are_clear_errors(tmp_path, mesh8):
     with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
         with pytest.raises(TypeError, match=r"state\['rng'\] is a typed PRNG key"):
             ckpt.save(1, {"rng": jax.random.key(0), "x": jnp.zeros(2)}, {})
         with pytest.raises(TypeError, match="JSON-serialisable"):
             ckpt.save(1, {"x": jnp.zeros(2)}, {"bad": object()})
+        with pytest.raises(ValueError, match="'checksums' is reserved"):
+            ckpt.save(1, {"x": jnp.zeros(2)}, {"checksums": 1})
+        state = _make_state(mesh8, 1)
+        state["ema_params"]["dense"]["bias"] = state["ema_params"]["dense"]["bias"].at[3].set(jnp.nan)
+        with pytest.raises(NonFiniteStateError, match=r"state of step 1: non-finite values in ema_params/dense/bias"):
+            ckpt.save(1, state, {})
         assert ckpt.all_steps() == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_checksums_do_not_depend_on_sharding(mesh8):
+    from uvit_jax.checkpoint import _digest  # the one property the restore check relies on
+    state8 = _make_state(mesh8, 3, scale=3.0)
+    mesh4 = make_mesh(fsdp=4, devices=jax.devices()[:4])
+    state4 = jax.device_put(state8, jax.tree.map(lambda x: _sharding(mesh4, x), state8))
+    host = jax.device_get(state8)
+    sums = [[s for _, _, s, _ in _digest(tree)] for tree in (state8, state4, host)]
+    assert sums[0] == sums[1] == sums[2] and len(set(sums[0])) == len(sums[0])
+    flipped = jax.tree.map(lambda x: x, state8)
+    kernel = flipped["params"]["dense"]["kernel"]  # one bit of one value changes
+    flipped["params"]["dense"]["kernel"] = kernel.at[5, 7].set(jnp.nextafter(kernel[5, 7], jnp.inf))
+    changed = [a != b for a, b in zip(sums[0], [s for _, _, s, _ in _digest(flipped)])]
+    assert sum(changed) == 1
+
+
+def test_config_differences():
+    saved = {"nnet": {"depth": 12, "embed_dim": 512, "mlp_ratio": 4}, "dataset": {"name": "cifar10"},
+             "optimizer": {"betas": [0.99, 0.999]}}
+    same = {"nnet": {"depth": 12, "embed_dim": 512, "mlp_ratio": 4}, "dataset": {"name": "cifar10", "path": "x"},
+            "optimizer": {"betas": (0.99, 0.999)}}
+    assert config_differences(saved, same, keys=("nnet", "dataset.name", "optimizer")) == []
+    other = {"nnet": {"depth": 16, "embed_dim": 512}, "dataset": {"name": "celeba64"}}
+    assert config_differences(saved, other, keys=("nnet", "dataset.name", "dataset.image_size")) == [
+        "nnet.depth: checkpoint 12, now 16", "nnet.mlp_ratio: checkpoint 4, now '<missing>'",
+        "dataset.name: checkpoint 'cifar10', now 'celeba64'"]
 
 
 _CHILD = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp
+    from uvit_jax import preemption
     from uvit_jax.checkpoint import Checkpointer
     ckpt = Checkpointer(sys.argv[1], save_interval_steps=1000)
     state = {"step": jnp.asarray(0, jnp.int32), "params": {"w": jnp.zeros((4, 4))}}
     bump = jax.jit(lambda s: {"step": s["step"] + 1, "params": {"w": s["params"]["w"] + 1.0}})
-    for step in range(1, 100000):
-        state = bump(state)
-        ckpt.save(step, state, {"data_position": step})
-        if ckpt.reached_preemption(step):
-            ckpt.save(step, state, {"data_position": step}, force=True)
-            ckpt.close()
-            print(f"PREEMPTED {step}", flush=True)
-            sys.exit(0)
-        print(f"step {step}", flush=True)
-        time.sleep(0.01)
+    with preemption.sigterm_guard():
+        for step in range(1, 100000):
+            state = bump(state)
+            ckpt.check_health()
+            if ckpt.should_save(step):
+                ckpt.save(step, state, {"data_position": step})
+            if preemption.should_stop(step):
+                ckpt.close()
+                print(f"PREEMPTED {step}", flush=True)
+                sys.exit(0)
+            print(f"step {step}", flush=True)
+            time.sleep(0.01)
 """)
 
 
@@ -290,3 +322,16 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
         state, metadata, step = ckpt.restore_latest(abstract)
     assert step == stopped[0] == int(state["step"]) == metadata["data_position"]
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full((4, 4), step, np.float32))
+
+
+def test_sigterm_guard_sets_the_flag_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    preemption.reset_preemption_request()
+    try:
+        with preemption.sigterm_guard():
+            assert not preemption.should_stop(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert preemption.preemption_requested() and preemption.should_stop(2)
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        preemption.reset_preemption_request()

@@ -9,8 +9,10 @@ Legacy format (before 1.6, or `_use_new_zipfile_serialization=False`; e.g. pytor
 a sequence of pickles and raw data in one file, read by `_load_legacy`. (The even older tar format is not read.)
 
 Reading uses a restricted unpickler: only OrderedDict, the tensor/parameter rebuild functions and storage types
-are allowed, so loading a file runs no foreign code. Tensors unpickle as references and become numpy arrays once
-the storages are read. `load_state_dict` also accepts `.npz` files (official names) and plain dicts.
+are allowed, so loading a file runs no foreign code. A pickle is also refused past generous size limits (bytes,
+opcodes, nesting), so a hostile file cannot exhaust memory or the stack either. Tensors unpickle as references and
+become numpy arrays once the storages are read. `load_state_dict` also accepts `.npz` files (official names) and
+plain dicts.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -37,6 +40,14 @@ _ALIGN = 64  # torch aligns every record's data to 64 bytes (needed for torch.lo
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a legacy (pre-1.6) torch.save file
 _LEGACY_PROTOCOL = 1001
 _LEGACY_HEAD = pickle.dumps(_LEGACY_MAGIC, protocol=2)
+# Limits on one pickle (the object pickle is ~100 bytes and ~25 opcodes per tensor; the data is stored outside it).
+_MAX_PICKLE_BYTES = 256 * 2 ** 20
+_MAX_PICKLE_OPS = 10_000_000
+_MAX_PICKLE_DEPTH = 100
+
+
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
+    """A pickle that is not loaded: it names a disallowed global, or exceeds the size limits."""
 
 
 class _StorageType:
@@ -96,14 +107,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        raise pickle.UnpicklingError(f"{self._path}: refusing to unpickle {module}.{name} (only tensors, "
-                                     "parameters and OrderedDicts are allowed in a checkpoint)")
+        raise RefusedPickleError(f"{self._path}: refusing to unpickle {module}.{name} (only tensors, "
+                                 "parameters and OrderedDicts are allowed in a checkpoint)")
 
     def persistent_load(self, pid):
         # zip format: ('storage', type, key, location, numel); legacy: the same + view_metadata (or None).
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"{self._path}: unsupported persistent id {pid!r}")
+            raise RefusedPickleError(f"{self._path}: unsupported persistent id {_short_repr(pid)}")
         key, dtype = str(pid[2]), pid[1].dtype
         self.storages[key] = _StorageRef(key, dtype)
         view = pid[5] if len(pid) == 6 else None
@@ -132,15 +143,73 @@ def _tensor_array(ref: _TensorRef, storages: Mapping[str, np.ndarray], path: str
     return np.array(view)  # own, contiguous copy
 
 
-def _resolve(obj, storages: Mapping[str, np.ndarray], path: str):
-    """Replace every `_TensorRef` in the unpickled containers by its array."""
+def _resolve(obj, storages: Mapping[str, np.ndarray], path: str, memo: dict | None = None, depth: int = 0):
+    """Replace every `_TensorRef` in the unpickled containers by its array (shared containers are resolved once)."""
     if isinstance(obj, _TensorRef):
         return _tensor_array(obj, storages, path)
-    if isinstance(obj, Mapping):
-        return type(obj)((k, _resolve(v, storages, path)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_resolve(v, storages, path) for v in obj)
-    return obj
+    if not isinstance(obj, (Mapping, list, tuple)):
+        return obj
+    if depth > _MAX_PICKLE_DEPTH:
+        raise RefusedPickleError(f"{path}: refusing a pickle nested more than {_MAX_PICKLE_DEPTH} levels deep")
+    memo = {} if memo is None else memo
+    if id(obj) not in memo:
+        if isinstance(obj, Mapping):
+            memo[id(obj)] = type(obj)((k, _resolve(v, storages, path, memo, depth + 1)) for k, v in obj.items())
+        else:
+            memo[id(obj)] = type(obj)(_resolve(v, storages, path, memo, depth + 1) for v in obj)
+    return memo[id(obj)]
+
+
+class _Bounded:
+    """Read access to a file that refuses to go more than `limit` bytes past where it started."""
+
+    def __init__(self, f, limit: int, path: str):
+        self._f, self._left, self._path = f, limit, path
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            raise RefusedPickleError(f"{self._path}: refusing a pickle larger than {_MAX_PICKLE_BYTES:,} bytes")
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self._take(self._f.read(self._left + 1 if n is None or n < 0 else min(n, self._left + 1)))
+
+    def readline(self) -> bytes:
+        return self._take(self._f.readline(self._left + 1))
+
+
+def _check_limits(f, path: str) -> None:
+    """Scan one pickle from `f`'s position (without building anything) against the byte and opcode limits."""
+    ops = 0
+    try:
+        for _ in pickletools.genops(_Bounded(f, _MAX_PICKLE_BYTES, path)):
+            ops += 1
+            if ops > _MAX_PICKLE_OPS:
+                raise RefusedPickleError(f"{path}: refusing a pickle of more than {_MAX_PICKLE_OPS:,} opcodes")
+    except RefusedPickleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or garbled pickle: name the file
+        raise ValueError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
+
+
+def _unpickle(f, path: str) -> tuple[object, _RestrictedUnpickler]:
+    """One pickle from seekable `f` through the restricted unpickler, after checking the limits."""
+    start = f.tell()
+    _check_limits(f, path)
+    f.seek(start)
+    unpickler = _RestrictedUnpickler(f, path)
+    try:
+        return unpickler.load(), unpickler
+    except RefusedPickleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - wrong arguments to an allowed global, bad memo, ...: name the file
+        raise ValueError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
+
+
+def _short_repr(obj, limit: int = 200) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _unwrap(obj, path: str) -> dict[str, np.ndarray]:
@@ -166,8 +235,11 @@ def _load_zip(path: str):
         prefix = pkl[0][: -len("data.pkl")]
         big_endian = (prefix + "byteorder" in zf.namelist()
                       and zf.read(prefix + "byteorder").strip() == b"big")
-        unpickler = _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), path)
-        obj = unpickler.load()
+        with zf.open(pkl[0]) as f:
+            raw = f.read(_MAX_PICKLE_BYTES + 1)
+        if len(raw) > _MAX_PICKLE_BYTES:
+            raise RefusedPickleError(f"{path}: refusing {pkl[0]}, larger than {_MAX_PICKLE_BYTES:,} bytes")
+        obj, unpickler = _unpickle(io.BytesIO(raw), path)
         storages = {}
         for key, ref in unpickler.storages.items():
             try:
@@ -181,7 +253,7 @@ def _load_zip(path: str):
 
 def _load_plain_pickle(f, path: str):
     """A header pickle of a legacy file (ints, dicts, lists: no globals, no persistent ids)."""
-    return _RestrictedUnpickler(f, path).load()
+    return _unpickle(f, path)[0]
 
 
 def _read_legacy_storage(f, key: str, dtype: np.dtype, path: str) -> np.ndarray:
@@ -208,8 +280,7 @@ def _load_legacy(f, path: str):
         raise ValueError(f"{path}: unsupported legacy PyTorch protocol version {version!r} "
                          f"(only {_LEGACY_PROTOCOL} is known)")
     _load_plain_pickle(f, path)  # sys_info: irrelevant, the records are little-endian whatever it says
-    unpickler = _RestrictedUnpickler(f, path)
-    obj = unpickler.load()
+    obj, unpickler = _unpickle(f, path)
     storages = {}
     for key in map(str, _load_plain_pickle(f, path)):
         if key not in unpickler.storages:

@@ -10,10 +10,14 @@ guidance; `run_vis/{i}.npy` = pickled (prompt, context) for sample grids.
 
 Sources yield "moments" (NHWC, 8 channels = [mean | logvar]); the posterior sample
 z = scale * (mean + exp(0.5 * clip(logvar, -30, 20)) * n) is drawn on device by the train step.
+
+The pickled files are read by a restricted unpickler (`load_npy`) that builds only NumPy arrays, dtypes and scalars,
+tuples, lists, numbers and strings: a feature directory is data, and loading it runs no code from it.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import re
 
 import numpy as np
@@ -21,6 +25,68 @@ import numpy as np
 from uvit_jax.data.datasets import DatasetNotPreparedError
 
 _CAPTION = re.compile(r"^(\d+)_(\d+)\.npy$")
+
+
+def _numpy_global(module: str, name: str):
+    """`module.name`, where pickles from NumPy 1 say numpy.core and NumPy 2 says numpy._core (same objects)."""
+    core = getattr(np, "_core", None) or np.core
+    return getattr(core.multiarray, name) if module.endswith("multiarray") else getattr(np, name)
+
+
+# What a pickled ndarray, dtype or NumPy scalar refers to; nothing else may be imported by a feature file.
+_ALLOWED_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                    for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _numpy_global(module, name)
+        raise pickle.UnpicklingError(
+            f"{self._path}: refusing to unpickle {module}.{name}: feature files may hold only NumPy arrays, numbers, "
+            "strings and tuples (this file was not written by the official extract scripts, or was tampered with)")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError(f"{self._path}: refusing a pickle with persistent ids")
+
+
+def load_npy(file: str, mmap_mode: str | None = None):
+    """Read a `.npy` file without running code from it.
+
+    A plain array is read with `allow_pickle=False` (optionally memory-mapped). An object array (what the official
+    scripts wrote for `(moments, label)` and `(prompt, context)` pairs) is unpickled with only NumPy arrays, dtypes
+    and scalars allowed as globals; anything else raises ValueError naming the file.
+    """
+    with open(file, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)(f)
+        except ValueError as e:
+            raise ValueError(f"{file} is not a .npy file: {e}") from None
+        if not header[2].hasobject:
+            return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+        try:
+            return _ArrayUnpickler(f, file).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(str(e) if str(e).startswith(file) else f"{file}: unreadable pickle: {e}") from None
+        except Exception as e:  # noqa: BLE001 - malformed data: say which file
+            raise ValueError(f"{file}: unreadable pickle: {type(e).__name__}: {e}") from None
+
+
+def _pair(file: str, first: type | tuple[type, ...], what: str) -> tuple:
+    """A pickled 2-element object array or tuple whose first element is a `first` and second an array-like."""
+    obj = load_npy(file)
+    items = tuple(obj) if isinstance(obj, (tuple, list)) or (isinstance(obj, np.ndarray) and obj.shape == (2,)) \
+        else None
+    if items is None or len(items) != 2 or not isinstance(items[0], first):
+        raise ValueError(f"{file}: expected a pickled pair {what}, got {type(obj).__name__} "
+                         f"{getattr(obj, 'shape', '')}")
+    return items
 
 
 def _missing(kind: str, path: str, script: str) -> DatasetNotPreparedError:
@@ -70,8 +136,10 @@ class ImageNetLatents:
 
     def _load(self, idx: int) -> tuple[np.ndarray, int]:
         file = os.path.join(self.path, f"{idx}.npy")
-        moments, label = np.load(file, allow_pickle=True)  # the official files are pickled (array, label) pairs
-        return _nchw_to_nhwc(np.asarray(moments), file), int(label)
+        moments, label = _pair(file, np.ndarray, "(moments, label)")  # the official files are pickled pairs
+        if not isinstance(label, (int, np.integer)):
+            raise ValueError(f"{file}: the label is a {type(label).__name__}, not an integer")
+        return _nchw_to_nhwc(moments, file), int(label)
 
     def read(self, indices: np.ndarray, bits: np.ndarray, train: bool) -> dict[str, np.ndarray]:
         """Examples `indices`; `bits`/`train` are unused (the flip is a precomputed example)."""
@@ -103,9 +171,9 @@ class CocoLatents:
         if self.num_examples == 0:
             raise _missing("MS-COCO latent (no 0.npy)", self.directory, script)
         self.n_captions = self._count_captions()
-        self.moments_shape = _nchw_to_nhwc(np.load(os.path.join(self.directory, "0.npy")), self.directory).shape
+        self.moments_shape = _nchw_to_nhwc(load_npy(os.path.join(self.directory, "0.npy")), self.directory).shape
         self.image_shape = self.moments_shape[:2] + (4,)
-        self.context_shape = np.load(os.path.join(self.directory, "0_0.npy"), mmap_mode="r").shape
+        self.context_shape = load_npy(os.path.join(self.directory, "0_0.npy"), mmap_mode="r").shape
 
     def _count_captions(self) -> np.ndarray:
         counts = np.zeros(self.num_examples, np.int64)
@@ -124,9 +192,9 @@ class CocoLatents:
         del train
         indices = np.asarray(indices, np.int64)
         ks = (np.asarray(bits, np.uint64) % self.n_captions[indices].astype(np.uint64)).astype(np.int64)
-        moments = [_nchw_to_nhwc(np.load(os.path.join(self.directory, f"{i}.npy")), f"{self.directory}/{i}.npy")
+        moments = [_nchw_to_nhwc(load_npy(os.path.join(self.directory, f"{i}.npy")), f"{self.directory}/{i}.npy")
                    for i in indices]
-        contexts = [np.load(os.path.join(self.directory, f"{i}_{k}.npy")) for i, k in zip(indices, ks)]
+        contexts = [load_npy(os.path.join(self.directory, f"{i}_{k}.npy")) for i, k in zip(indices, ks)]
         return {"moments": np.stack(moments), "context": np.stack(contexts).astype(np.float32)}
 
 
@@ -135,7 +203,7 @@ def load_empty_context(path: str) -> np.ndarray:
     file = os.path.join(path or "", "empty_context.npy")
     if not os.path.exists(file):
         raise _missing("MS-COCO empty context", file, "scripts/extract_empty_feature.py")
-    return np.load(file).astype(np.float32)
+    return load_npy(file).astype(np.float32)
 
 
 def load_vis_prompts(path: str) -> tuple[list[str], np.ndarray]:
@@ -144,5 +212,5 @@ def load_vis_prompts(path: str) -> tuple[list[str], np.ndarray]:
     if not os.path.isdir(directory):
         raise _missing("MS-COCO visualisation prompt", directory, "scripts/extract_test_prompt_feature.py")
     names = sorted((f for f in os.listdir(directory) if f.endswith(".npy")), key=lambda f: int(f.split(".")[0]))
-    pairs = [np.load(os.path.join(directory, f), allow_pickle=True) for f in names]
+    pairs = [_pair(os.path.join(directory, f), str, "(prompt, context)") for f in names]
     return [str(p) for p, _ in pairs], np.stack([np.asarray(c, np.float32) for _, c in pairs])
