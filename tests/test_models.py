@@ -103,6 +103,27 @@ def test_bfloat16_compute_close_to_float32():
     assert err <= 2e-2
 
 
+def test_precision_policies():
+    """Every policy is exact in float32 compute; in bfloat16 each stays close to float32, and keeping the residual
+    stream and the head in float32 is closer than computing everything in bfloat16."""
+    kwargs, params, x, t, cond, ref, _ = official_case(CASES[0], "f32")
+    nnet = dict(kwargs, name="uvit")
+    p = params_from_official(params, nnet)
+    policies = {"all_bf16": dict(residual="compute", attention="compute", final_layer="compute"),
+                "official": dict(residual="until_skip", attention="float32", final_layer="compute"),
+                "default": None,
+                "all_f32_parts": dict(residual="float32", attention="float32", final_layer="float32")}
+    errs = {}
+    for name, policy in policies.items():
+        assert rel_err(make_apply(nnet, precision=policy)(p, x, t, cond), ref) <= 1e-5, name
+        errs[name] = rel_err(make_apply(nnet, dtype=jnp.bfloat16, precision=policy)(p, x, t, cond), ref)
+    print("bfloat16 max rel err by precision policy:", errs)
+    assert max(errs.values()) <= 2e-2
+    assert errs["all_f32_parts"] < errs["all_bf16"] and errs["default"] < errs["all_bf16"]
+    with pytest.raises(ValueError, match="precision.residual"):
+        make_apply(nnet, precision=dict(residual="fp32"))
+
+
 @pytest.fixture(scope="module")
 def tiny_sharded():
     """TINY params initialised the trainer's way: jitted init_params with FSDP out_shardings over 8 devices."""
@@ -119,14 +140,18 @@ def test_make_apply_jit_grad_sharded_and_remat_identical(tiny_sharded):
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
     t, y = jnp.array([0.1, 0.5, 0.9, 0.0]), jnp.array([0, 1, 2, 9])
     results = []
-    for remat in (False, True):
-        apply = make_apply(dict(TINY, use_checkpoint=remat))
+    # no remat, the official use_checkpoint (per-block recompute, in block order), keeping the projections
+    for nnet, policy in [(TINY, None), (dict(TINY, use_checkpoint=True), None), (TINY, "dots")]:
+        apply = make_apply(nnet, remat_policy=policy)
         loss = lambda p: jnp.mean((apply(p, x, t, y) - x) ** 2)
         results.append(jax.jit(jax.value_and_grad(loss))(params))
-    (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(l0, l1, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+    (l0, g0), *rest = results
+    for l1, g1 in rest:
+        np.testing.assert_allclose(l0, l1, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g0))  # every parameter is used
+    with pytest.raises(ValueError, match="config.remat_policy: must be one of"):
+        make_apply(TINY, remat_policy="full")
 
 
 def test_init_statistics(tiny_sharded):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Protocol
 import jax
 import numpy as np
 
-from uvit_jax.data import datasets, latents
+from uvit_jax.data import datasets, features, latents
 from uvit_jax.data.preprocess import example_bits
 
 _AUGMENT_STREAM = 0  # example_bits stream of per-position randomness; shuffles use streams 1 + epoch
@@ -47,12 +47,14 @@ def open_source(dataset_cfg: Any, *, data_dir: str | None = None, split: str = "
         return datasets.PixelSource(name, data_dir, _get(dataset_cfg, "image_size"), _get(dataset_cfg, "random_flip"),
                                     split=split)
     path = _get(dataset_cfg, "path", data_dir)
+    if name in LATENT_DATASETS and features.is_extracted(path):  # ours (--mode extract), else the official folders
+        return features.ExtractedLatents(path, name, split)
     if name == "imagenet_latents":
         if split != "train":
             raise ValueError(f"imagenet_latents: only the train split is extracted, got split={split!r}")
-        return latents.ImageNetLatents(path, _get(dataset_cfg, "num_examples"))
+        return latents.ImageNetLatents(path)
     if name == "mscoco_latents":
-        return latents.CocoLatents(path, split, _get(dataset_cfg, "num_examples"))
+        return latents.CocoLatents(path, split)
     raise ValueError(f"dataset.name={name!r} is not one of {sorted(datasets.PIXEL_DATASETS) + list(LATENT_DATASETS)}")
 
 

@@ -15,12 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uvit_jax.models.flops import forward_macs
+from uvit_jax.models.layers import ATTENTION_CHOICES, Precision, resolve_attention
 from uvit_jax.models.presets import PRESETS
-from uvit_jax.models.uvit import UViT
+from uvit_jax.models.uvit import REMAT_POLICIES, UViT
 from uvit_jax.models.uvit_t2i import UViTT2I
 
-__all__ = ["PRESETS", "UViT", "UViTT2I", "build_model", "count_params", "forward_macs", "init_params",
-           "make_apply", "abstract_params", "nnet_kwargs"]
+__all__ = ["ATTENTION_CHOICES", "PRESETS", "Precision", "REMAT_POLICIES", "UViT", "UViTT2I", "abstract_params",
+           "build_model",
+           "count_params", "forward_macs", "init_params", "make_apply", "nnet_kwargs", "resolve_attention"]
 
 _MODELS = {"uvit": UViT, "uvit_t2i": UViTT2I}
 
@@ -40,19 +42,28 @@ def nnet_kwargs(nnet: Mapping) -> tuple[type, dict[str, Any]]:
     return cls, nnet
 
 
-def build_model(nnet: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str | None = None,
+def build_model(nnet: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "auto",
+                training: bool = True, remat_policy: str | None = None, precision: Mapping | None = None,
                 rngs: nnx.Rngs):
     """Construct the UViT / UViTT2I module described by `nnet` (its "name" key selects the class).
 
-    attention_impl: None (XLA) or "cudnn" (cuDNN flash attention; GPU with bf16/fp16 compute).
+    attention_impl: the config key `attention` ("auto", "xla", "cudnn", "einsum"), resolved for the default
+    backend, `dtype` and whether the network is differentiated (`training`) by `resolve_attention`.
+    remat_policy: the config key `remat_policy` ("none", "block", "dots"; None follows nnet.use_checkpoint).
+    precision: the config group `precision` (which parts stay float32; layers.Precision; None: its defaults).
     """
     cls, kwargs = nnet_kwargs(nnet)
-    return cls(**kwargs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+    defaults = inspect.signature(cls.__init__).parameters
+    dim, heads = (kwargs.get(k, defaults[k].default) for k in ("embed_dim", "num_heads"))
+    policy = Precision(**dict(precision or {}))
+    impl = resolve_attention(attention_impl, backend=jax.default_backend(),
+                             dtype=policy.part_dtype("attention", dtype), training=training, head_dim=dim // heads)
+    return cls(**kwargs, dtype=dtype, param_dtype=param_dtype, attention_impl=impl, remat_policy=remat_policy,
+               precision=policy, rngs=rngs)
 
 
-def _abstract_model(nnet: Mapping, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl=None):
-    return nnx.eval_shape(lambda: build_model(nnet, dtype=dtype, param_dtype=param_dtype,
-                                              attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+def _abstract_model(nnet: Mapping, **kwargs):
+    return nnx.eval_shape(lambda: build_model(nnet, **kwargs, rngs=nnx.Rngs(0)))
 
 
 def init_params(nnet: Mapping, key: jax.Array, *, param_dtype=jnp.float32) -> dict:
@@ -76,16 +87,22 @@ def _leaf_paths(tree) -> set[str]:
     return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def make_apply(nnet: Mapping, *, dtype=jnp.float32, attention_impl: str | None = None) -> Callable[..., jax.Array]:
+def make_apply(nnet: Mapping, *, dtype=jnp.float32, attention_impl: str = "auto", training: bool = False,
+               remat_policy: str | None = None, precision: Mapping | None = None) -> Callable[..., jax.Array]:
     """Pure function `apply(params, x, t, cond=None) -> eps` for the network `nnet`, computing in `dtype`.
 
     x is NHWC; t (B,) or scalar; cond is the int labels y for class models, the context (B, tokens, clip_dim) for
     text models, and is ignored for unconditional models. Works under jax.jit / jax.grad (w.r.t. params) and
-    with sharded params; the graph definition is built once, here.
+    with sharded params; the graph definition is built once, here. `attention_impl` is the config key
+    `attention`; pass `training=True` for the function the loss differentiates (see `resolve_attention`).
+    `remat_policy` is the config key of that name (None follows nnet.use_checkpoint); `precision` the config group
+    (layers.Precision).
     """
     cls, kwargs = nnet_kwargs(nnet)
     uses_cond = cls is UViTT2I or kwargs.get("num_classes", -1) > 0
-    graphdef, abstract_state = nnx.split(_abstract_model(nnet, dtype=dtype, attention_impl=attention_impl))
+    graphdef, abstract_state = nnx.split(_abstract_model(nnet, dtype=dtype, attention_impl=attention_impl,
+                                                         training=training, remat_policy=remat_policy,
+                                                         precision=precision))
     template = nnx.to_pure_dict(abstract_state)
     structure = jax.tree.structure(template)
 

@@ -9,11 +9,13 @@ the attention softmax are always at least float32).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default (flax's is 1e-6)
 
@@ -78,8 +80,34 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # Named for remat_policy="dots", which keeps these products and recomputes the rest.
+        y = checkpoint_name(_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype)), "linear")
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w, with the backward pass written out (the same two products as autodiff's).
+
+    With autodiff's, XLA:CPU wants the output cotangent transposed for the weight gradient and fuses the whole
+    chain of residual-stream cotangents into each transposing copy, recomputing it for every block: ~15% of a
+    U-ViT train step on CPU. Written out, the weight gradient contracts the token axis of both operands in place.
+    """
+    return jnp.dot(x, w)
+
+
+def _matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, g):
+    x, w = residuals
+    tokens = (((0,), (0,)), ((), ()))
+    dw = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), tokens)
+    return jnp.dot(g, w.T), dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class LayerNorm(nnx.Module):
@@ -153,18 +181,95 @@ def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
     return x.reshape(b, h * patch_size, w * patch_size, channels)
 
 
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Which parts of a U-ViT stay float32 when the compute dtype (matmul inputs) is lower, e.g. bfloat16.
+
+    LayerNorm statistics and the attention logits/softmax are float32 in every case. The official runs (fp16
+    autocast) keep the residual stream float32 up to the first long-skip merge ("until_skip": the time/label
+    tokens, pos_embed and the in-blocks' residual adds are float32; skip_linear's output is half precision), and
+    cast q, k, v to float32 before attention.
+      residual     "float32" (the whole residual stream, including the tokens), "until_skip" (the official
+                   behaviour) or "compute" (everything in the compute dtype)
+      attention    "float32": q, k, v in float32 (the official .float(); rules out cuDNN flash attention), or
+                   "compute"
+      final_layer  "float32": final norm -> decoder_pred -> 3x3 conv in float32, or "compute"
+    """
+
+    residual: str = "float32"
+    attention: str = "compute"
+    final_layer: str = "float32"
+
+    def __post_init__(self):
+        allowed = {"residual": ("float32", "until_skip", "compute"), "attention": ("float32", "compute"),
+                   "final_layer": ("float32", "compute")}
+        for part, choices in allowed.items():
+            if getattr(self, part) not in choices:
+                raise ValueError(f"config.precision.{part}: must be one of {choices} "
+                                 f"(got {getattr(self, part)!r})")
+
+    def residual_dtype(self, dtype):
+        """The dtype the residual stream starts in (float64 compute stays float64)."""
+        return jnp.promote_types(dtype, jnp.float32) if self.residual != "compute" else jnp.dtype(dtype)
+
+    def part_dtype(self, part: str, dtype):
+        """The compute dtype of `part` ("attention" or "final_layer")."""
+        return jnp.promote_types(dtype, jnp.float32) if getattr(self, part) == "float32" else jnp.dtype(dtype)
+
+
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "einsum")  # values of the config key `attention`
+
+
+def resolve_attention(name: str, *, backend: str, dtype, training: bool = True, head_dim: int | None = None) -> str:
+    """The attention implementation ("xla", "cudnn" or "einsum") that config `attention=name` runs.
+
+    "auto" picks by backend and compute dtype: cuDNN flash attention on GPU with bf16/fp16 (head dim a multiple
+    of 8, <= 128), XLA's fused attention on TPU and GPU float32; on CPU the explicit einsum when `training` (its
+    backward pass costs less: a U-ViT-S/2 train step ~10% and a tiny U-ViT's ~19% less CPU time than with XLA's
+    attention) and XLA's for sampling (the two forwards are equal within noise); float64 always runs the einsum
+    (XLA's softmax is float32).
+    "cudnn" asked for where JAX cannot run it raises a ValueError naming the key, backend and dtype.
+    """
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"config.attention: must be one of {ATTENTION_CHOICES} (got {name!r})")
+    dtype = jnp.dtype(dtype)
+    half = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if name == "cudnn":
+        # jax.nn.dot_product_attention(implementation="cudnn"): CUDA GPUs, bf16/fp16, head dim % 8 == 0 and
+        # <= 256 (Hopper; JAX checks the <= 128 of older GPUs when it lowers).
+        if backend not in ("gpu", "cuda") or not half or (head_dim is not None and (head_dim % 8 or head_dim > 256)):
+            raise ValueError(
+                f"config.attention='cudnn' needs a CUDA GPU backend and bfloat16/float16 compute "
+                f"(head dim a multiple of 8, <= 256); got backend {backend!r}, dtype {dtype.name}"
+                + (f", head dim {head_dim}" if head_dim is not None else "")
+                + ". Use attention='auto' or 'xla'.")
+        return name
+    if name != "auto":
+        return name
+    if dtype == jnp.float64 or backend == "cpu":
+        return "einsum" if training or dtype == jnp.float64 else "xla"
+    if backend in ("gpu", "cuda") and half and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)):
+        return "cudnn"
+    return "xla"
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention; qkv channels laid out [q|k|v][head][dh]; no mask, no dropout.
 
-    `attention_impl` goes to jax.nn.dot_product_attention: None/"xla" (XLA; softmax in float32), or "cudnn"
-    (cuDNN flash attention: GPU, bf16/fp16 only).
+    `attention_impl` (resolved, see `resolve_attention`): "xla" / "cudnn" go to jax.nn.dot_product_attention,
+    "einsum" is the same maths written out (logits and softmax in float32, or float64 for float64 compute).
+    Float64 compute always takes the einsum path, as XLA's softmax is float32.
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = False, qk_scale: float | None = None,
-                 attention_impl: str | None = None, dtype, param_dtype, keys: KeySeq):
+                 attention_impl: str = "xla", attention_dtype=None, dtype, param_dtype, keys: KeySeq):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        if attention_impl not in ("xla", "cudnn", "einsum"):
+            raise ValueError(f"attention_impl must be resolved to 'xla', 'cudnn' or 'einsum' (resolve_attention), "
+                             f"got {attention_impl!r}")
         self.num_heads, self.attention_impl = num_heads, attention_impl
+        self.attention_dtype = attention_dtype  # None: the compute dtype; float32: the official q, k, v .float()
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.qkv = Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, keys=keys)
         self.proj = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, keys=keys)
@@ -172,14 +277,22 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if q.dtype == jnp.float64:
-            # jax.nn.dot_product_attention always runs its softmax in float32; keep float64 runs float64 throughout.
-            probs = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale, axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        if self.attention_dtype is not None:
+            qkv = qkv.astype(self.attention_dtype)
+        if self.attention_impl == "einsum" or qkv.dtype == jnp.float64:
+            out = _einsum_attention(qkv, self.scale)
         else:
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             out = jax.nn.dot_product_attention(q, k, v, scale=self.scale, implementation=self.attention_impl)
         return self.proj(out.reshape(b, n, d))
+
+
+def _einsum_attention(qkv: jax.Array, scale: float) -> jax.Array:
+    """softmax(q kᵀ · scale) v from qkv (B, N, 3, H, dh) → (B, N, H, dh); XLA's numerics, written out."""
+    q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # (B, H, N, dh) each: batch axes first, as the dots want them
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    probs = jax.nn.softmax(logits * jnp.asarray(scale, logits.dtype), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
 class Mlp(nnx.Module):
@@ -197,18 +310,23 @@ class Block(nnx.Module):
     """Pre-norm transformer block; with `skip=True` a long skip enters first: x ← skip_linear(concat([x, skip]))."""
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 qk_scale: float | None = None, skip: bool = False, attention_impl: str | None = None, dtype,
-                 param_dtype, keys: KeySeq):
+                 qk_scale: float | None = None, skip: bool = False, attention_impl: str = "xla",
+                 precision: Precision = Precision(), dtype, param_dtype, keys: KeySeq):
         kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
         self.skip_linear = Linear(2 * dim, dim, **kw) if skip else None
+        # residual="float32" keeps the stream float32 after a long-skip merge too ("until_skip" does not).
+        self.merged_dtype = precision.residual_dtype(dtype) if precision.residual == "float32" else None
         self.norm1 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype)
+        attention_dtype = precision.part_dtype("attention", dtype) if precision.attention == "float32" else None
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attention_impl=attention_impl,
-                              **kw)
+                              attention_dtype=attention_dtype, **kw)
         self.norm2 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
 
     def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
         if self.skip_linear is not None:
             x = self.skip_linear(jnp.concatenate([x, skip], axis=-1))  # replaces x; no residual around it
+            if self.merged_dtype is not None:
+                x = x.astype(self.merged_dtype)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uvit_jax.models.layers import KeySeq, Linear
+from uvit_jax.models.layers import KeySeq, Linear, Precision
 from uvit_jax.models.uvit import UViTBase
 
 
@@ -21,14 +21,15 @@ class UViTT2I(UViTBase):
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: float | None = None,
                  mlp_time_embed: bool = False, clip_dim: int = 768, num_clip_token: int = 77, conv: bool = True,
                  skip: bool = True, use_checkpoint: bool = False, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_impl: str | None = None, rngs: nnx.Rngs):
+                 attention_impl: str = "xla", remat_policy: str | None = None, precision: Precision | None = None,
+                 rngs: nnx.Rngs):
         self.clip_dim, self.num_clip_token = clip_dim, num_clip_token
         keys = KeySeq(rngs)
         self._build(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
                     num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                     mlp_time_embed=mlp_time_embed, conv=conv, skip=skip, use_checkpoint=use_checkpoint,
-                    extras=1 + num_clip_token, attention_impl=attention_impl, dtype=dtype,
-                    param_dtype=param_dtype, keys=keys)
+                    extras=1 + num_clip_token, attention_impl=attention_impl, remat_policy=remat_policy,
+                    precision=precision, dtype=dtype, param_dtype=param_dtype, keys=keys)
         self.context_embed = Linear(clip_dim, embed_dim, dtype=dtype, param_dtype=param_dtype, keys=keys)
 
     def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
