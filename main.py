@@ -2,14 +2,17 @@
 
     python main.py --config configs/quickstart.py --workdir runs/quickstart             # train (resumes)
     python main.py --config configs/X.py --workdir W --mode sample                       # W/samples/*.npz + grid
-    python main.py --config configs/X.py --workdir W --mode eval                         # W/eval/*.json
-    python main.py --config configs/X.py --workdir W --mode benchmark                    # images/s, TFLOP/s, MFU
-    python main.py --config configs/X.py --workdir W --mode convert --convert_input nnet_ema.pth
+    python main.py --config configs/X.py --workdir W --mode eval                         # W/eval/metrics_*.json
+    python main.py --config configs/X.py --workdir W --mode benchmark                    # W/benchmark.json
+    python main.py --config configs/X.py --workdir W --mode convert --convert_input nnet_ema.pth   # W/converted/
+    python main.py --config configs/X.py --workdir W --mode extract                      # latent features
 
-Any config value can be overridden: --config.train.batch_size=256. Unknown keys stop at flag parsing.
-Launched as several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or the flags below, or
-UVIT_DISTRIBUTED=1 on TPU pods and SLURM), it initialises jax.distributed first; a single process needs nothing.
+Any config value can be overridden: --config.train.batch_size=256. Unknown keys and invalid values stop before
+JAX starts, in one line. Launched as several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID, or the flags below, or UVIT_DISTRIBUTED=1 on TPU pods and SLURM), it initialises jax.distributed
+first; a single process needs nothing.
 """
+import ast
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,63 +27,138 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "benchmar
 _COORD = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 _PID = flags.DEFINE_integer("process_id", None, "jax.distributed index of this process.")
-_CONVERT_INPUT = flags.DEFINE_string("convert_input", None, "--mode convert: official nnet(_ema).pth or .npz.")
+_CONVERT_INPUT = flags.DEFINE_string(
+    "convert_input", None, "--mode convert: the official nnet(_ema).pth (or .npz) to convert; with "
+    "--convert_to_official, a converted dir to turn back into a .pth.")
+_CONVERT_OUTPUT = flags.DEFINE_string("convert_output", None, "--mode convert: output (default WORKDIR/converted, "
+                                      "or WORKDIR/nnet_ema.pth with --convert_to_official).")
+_TO_OFFICIAL = flags.DEFINE_bool("convert_to_official", False, "--mode convert: our converted dir -> official .pth.")
 _BENCH_STEPS = flags.DEFINE_integer("benchmark_steps", 10, "--mode benchmark: timed steps after warm-up.")
+_BENCH_COMPILE_ONLY = flags.DEFINE_bool("benchmark_compile_only", False, "--mode benchmark: compile the train step "
+                                        "without running it; report XLA's memory and FLOP estimates.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv):
-    """absl parsing, with a one-line message for a bad --config.* override (instead of a traceback)."""
+    """absl parsing, with a one-line message for a bad flag or --config.* override (instead of a traceback)."""
+    from uvit_jax import console
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        raise SystemExit(f"error: {e}\nPass --helpfull to see the flags.")
+        console.user_error(f"{e} (pass --helpfull to see the flags)")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        overrides = [a for a in argv if a.startswith("--config.")]
-        raise SystemExit(f"error: bad config override among {overrides}: {type(e).__name__}: {e} "
-                         f"(unknown key or wrong type; uvit_jax/config.py lists every key)")
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        try:  # ml_collections raises with the repr of its message ('\'key\'\nDid you mean ...')
+            detail = ast.literal_eval(detail)
+        except (ValueError, SyntaxError):
+            pass
+        detail = " ".join(str(detail).split())
+        console.user_error(f"bad config override among {', '.join(overrides)}: {type(e).__name__} {detail} "
+                           "(uvit_jax/config.py lists every key)")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-    from uvit_jax import parallel
-    from uvit_jax.config import validate
+    from uvit_jax import console
+    from uvit_jax.config import ConfigError, validate
 
-    parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
-    validate(config, jax.device_count())
-    logging.info("mode=%s workdir=%s process %d/%d, %d devices (%s)", mode, workdir, jax.process_index(),
-                 jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
+    console.setup(flags.FLAGS.verbosity)
+    try:
+        validate(config, workdir=workdir)  # before JAX starts: a bad config costs under a second
+    except ConfigError as e:
+        console.user_error(str(e))
+    errors = _user_errors()
+    if flags.FLAGS.verbosity < 1:
+        from uvit_jax import checkpoint
+        checkpoint.quiet_orbax_logging()
+    try:
+        import jax
+        from uvit_jax import parallel
 
+        parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+        console.setup(flags.FLAGS.verbosity, main_process=parallel.is_main_process())
+        parallel.check_device_count(config.mesh.expect_devices)
+        validate(config, jax.device_count())
+        logging.info("uvit-jax %s: workdir %s, %d devices (%s) in %d process(es)", mode, workdir,
+                     jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
+        _run_mode(mode, config, workdir)
+    except errors as e:
+        console.user_error(str(e).replace("\n", " "))
+
+
+def _run_mode(mode, config, workdir):
     if mode == "train":
         from uvit_jax import train
         callback = None
-        if config.train.fid_interval and config.eval.inception_path:
-            from uvit_jax import sample
-            callback = sample.make_training_fid_callback(config, workdir)
+        if config.train.fid_interval:
+            from uvit_jax import eval_mode
+            if config.eval.inception_path or config.eval.feature_fn:
+                callback = eval_mode.make_training_fid_callback(config, workdir)
+            else:
+                logging.warning("train.fid_interval=%d but no feature network: FID during training is off (%s)",
+                                config.train.fid_interval, eval_mode.INCEPTION_HELP)
         train.train_and_evaluate(config, workdir, eval_callback=callback)
     elif mode == "sample":
         from uvit_jax import sample
         sample.sample_to_dir(config, workdir)
     elif mode == "eval":
-        from uvit_jax import sample
-        sample.evaluate_workdir(config, workdir)
+        from uvit_jax import eval_mode
+        eval_mode.evaluate_workdir(config, workdir)
     elif mode == "benchmark":
         from uvit_jax import benchmark
-        benchmark.run(config, workdir, steps=_BENCH_STEPS.value)
-    elif mode == "convert":
-        from uvit_jax import convert
-        if not _CONVERT_INPUT.value:
-            raise app.UsageError("--mode convert needs --convert_input=PATH (official nnet_ema.pth or .npz)")
-        nnet, out = dict(config.nnet), os.path.join(workdir, "converted")
-        convert.save_converted(out, convert.params_from_official(convert.load_state_dict(_CONVERT_INPUT.value), nnet),
-                               nnet)
-        logging.info("Converted %s -> %s (use --config.sample.params_dir=%s)", _CONVERT_INPUT.value, out, out)
-    else:  # extract
-        raise app.UsageError("--mode extract (latent feature extraction) needs the KL-f8 autoencoder port, which is "
-                             "not in this release; use the official scripts/extract_imagenet_feature.py output.")
+        benchmark.run(config, workdir, steps=_BENCH_STEPS.value, compile_only=_BENCH_COMPILE_ONLY.value)
+    elif mode == "extract":
+        from uvit_jax import extract
+        extract.run(config, workdir)
+    else:
+        _convert(config, workdir)
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted (refused pickle, missing or mis-shaped key): the message says which."""
+
+
+def _convert(config, workdir):
+    try:
+        _convert_files(config, workdir)
+    except (ValueError, KeyError) as e:  # the converters' strict checks and the pickle guard name the problem
+        raise ConversionError(str(e).strip("'\"")) from e
+
+
+def _convert_files(config, workdir):
+    from uvit_jax import convert
+    if not _CONVERT_INPUT.value:
+        raise app.UsageError("--mode convert needs --convert_input=PATH (official nnet_ema.pth or .npz, or a "
+                             "converted dir with --convert_to_official)")
+    nnet = dict(config.nnet)
+    if _TO_OFFICIAL.value:
+        out = _CONVERT_OUTPUT.value or os.path.join(workdir, "nnet_ema.pth")
+        saved_nnet, params = convert.load_converted(_CONVERT_INPUT.value)
+        convert.save_torch_file(convert.params_to_official(params), out)
+        logging.info("Converted %s (%s) -> %s (official state dict; load with nnet.load_state_dict(torch.load(...)))",
+                     _CONVERT_INPUT.value, saved_nnet.get("name"), out)
+        return
+    out = _CONVERT_OUTPUT.value or os.path.join(workdir, "converted")
+    convert.save_converted(out, convert.params_from_official(convert.load_state_dict(_CONVERT_INPUT.value), nnet),
+                           nnet)
+    logging.info("Converted %s -> %s; sample from it with --mode sample --config.sample.params_dir=%s",
+                 _CONVERT_INPUT.value, out, out)
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean "the user can fix this": printed as one line, no traceback."""
+    from uvit_jax import checkpoint, parallel, workdir_lock
+    from uvit_jax.config import ConfigError
+    from uvit_jax.data.datasets import DatasetNotPreparedError
+    from uvit_jax.eval_mode import MissingFeatureNetworkError
+    from uvit_jax.sample import NoParamsError
+    return (ConversionError, ConfigError, parallel.DeviceCountError, DatasetNotPreparedError,
+            MissingFeatureNetworkError, NoParamsError,
+            workdir_lock.WorkdirLockedError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointCorruptError,
+            FileNotFoundError)
 
 
 if __name__ == "__main__":

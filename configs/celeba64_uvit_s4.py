@@ -3,6 +3,7 @@
 Official crop box (top 57, left 25, 128x128) -> 64, flips always on; 1000-step Euler-Maruyama SDE at evaluation.
 """
 from uvit_jax.config import base_config
+from uvit_jax.models.presets import PRESETS
 
 
 def get_config():
@@ -12,9 +13,7 @@ def get_config():
     c.optimizer.lr = 2e-4
     c.optimizer.betas = (0.99, 0.99)
     c.lr_scheduler.warmup_steps = 5000
-    c.nnet = dict(name="uvit", img_size=64, patch_size=4, in_chans=3, embed_dim=512, depth=12, num_heads=8,
-                  mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True,
-                  use_checkpoint=False)
+    c.nnet = dict(PRESETS["celeba64_uvit_small"])
     c.dataset.name = "celeb_a"
     c.dataset.image_size = 64
     c.dataset.random_flip = True

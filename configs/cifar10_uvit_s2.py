@@ -3,6 +3,7 @@
 Continuous VP SDE; final evaluation with 1000-step Euler-Maruyama (reverse SDE) on the EMA network.
 """
 from uvit_jax.config import base_config
+from uvit_jax.models.presets import PRESETS
 
 
 def get_config():
@@ -12,9 +13,7 @@ def get_config():
     c.optimizer.lr = 2e-4
     c.optimizer.betas = (0.99, 0.999)
     c.lr_scheduler.warmup_steps = 2500
-    c.nnet = dict(name="uvit", img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8,
-                  mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True,
-                  use_checkpoint=False)
+    c.nnet = dict(PRESETS["cifar10_uvit_small"])
     c.dataset.name = "cifar10"
     c.dataset.image_size = 32
     c.dataset.random_flip = True

@@ -5,6 +5,7 @@ Schedule "discrete" and sampler "dpm_solver_pp" (fast_grid) are what the officia
 (the official config file alone doesn't say; UVIT_SPEC.md section 8.5). CFG scale 0.4 (eps = (1+s) eps_c - s eps_u).
 """
 from uvit_jax.config import base_config
+from uvit_jax.models.presets import PRESETS
 
 
 def get_config():
@@ -14,13 +15,9 @@ def get_config():
     c.optimizer.lr = 2e-4
     c.optimizer.betas = (0.99, 0.99)
     c.lr_scheduler.warmup_steps = 5000
-    c.nnet = dict(name="uvit", img_size=32, patch_size=2, in_chans=4, embed_dim=1152, depth=28, num_heads=16,
-                  mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1001, conv=False, skip=True,
-                  use_checkpoint=True)
+    c.nnet = dict(PRESETS["imagenet256_uvit_huge"])
     c.dataset.name = "imagenet_latents"
     c.dataset.path = "assets/datasets/imagenet256_features"
-    c.dataset.image_size = 32
-    c.dataset.random_flip = False  # flips are pre-computed: every image is stored with its mirror
     c.dataset.p_uncond = 0.1
     c.autoencoder.pretrained_path = "assets/stable-diffusion/autoencoder_kl_ema.pth"
     c.autoencoder.scale_factor = 0.18215

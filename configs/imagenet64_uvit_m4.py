@@ -3,6 +3,7 @@
 1000 classes and no null class (no classifier-free guidance); 50-step DPM-Solver-fast (continuous VP) at evaluation.
 """
 from uvit_jax.config import base_config
+from uvit_jax.models.presets import PRESETS
 
 
 def get_config():
@@ -12,9 +13,7 @@ def get_config():
     c.optimizer.lr = 3e-4
     c.optimizer.betas = (0.99, 0.99)
     c.lr_scheduler.warmup_steps = 5000
-    c.nnet = dict(name="uvit", img_size=64, patch_size=4, in_chans=3, embed_dim=768, depth=16, num_heads=12,
-                  mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1000, conv=True, skip=True,
-                  use_checkpoint=True)
+    c.nnet = dict(PRESETS["imagenet64_uvit_mid"])
     c.dataset.name = "imagenet2012"
     c.dataset.image_size = 64
     c.dataset.random_flip = True
@@ -25,6 +24,7 @@ def get_config():
     c.sample.skip_type = "logSNR"
     c.sample.sample_steps = 50
     c.sample.n_samples = 50_000
+    c.sample.label_distribution = "dataset"  # official eval.py: labels from the training-set class frequencies
     c.sample.mini_batch_size = 200
     c.eval.ref_stats = "assets/fid_stats/fid_stats_imagenet64_guided_diffusion.npz"
     return c

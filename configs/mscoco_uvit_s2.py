@@ -4,6 +4,7 @@ Latents (4x32x32, scale 0.23010) + 77 CLIP ViT-L/14 token embeddings; discrete S
 CFG scale 1.0 against the empty-string context; 30k samples at evaluation.
 """
 from uvit_jax.config import base_config
+from uvit_jax.models.presets import PRESETS
 
 
 def get_config():
@@ -13,16 +14,15 @@ def get_config():
     c.optimizer.lr = 2e-4
     c.optimizer.betas = (0.9, 0.9)
     c.lr_scheduler.warmup_steps = 5000
-    c.nnet = dict(name="uvit_t2i", img_size=32, patch_size=2, in_chans=4, embed_dim=512, depth=12, num_heads=8,
-                  mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, clip_dim=768, num_clip_token=77, conv=True,
-                  skip=True, use_checkpoint=False)
+    c.nnet = dict(PRESETS["mscoco_uvit_small"])
     c.dataset.name = "mscoco_latents"
     c.dataset.path = "assets/datasets/coco256_features"
-    c.dataset.image_size = 32
-    c.dataset.random_flip = False
     c.dataset.p_uncond = 0.1
     c.autoencoder.pretrained_path = "assets/stable-diffusion/autoencoder_kl.pth"
     c.autoencoder.scale_factor = 0.23010
+    # The CLIP ViT-L/14 text encoder of Hugging Face's openai/clip-vit-large-patch14 (a snapshot folder or its
+    # model.safetensors), for --mode extract and sample.prompts; training reads the extracted contexts.
+    c.clip.pretrained_path = "assets/clip-vit-large-patch14"
     c.schedule = "discrete"
     c.sample.algorithm = "dpm_solver_pp"
     c.sample.method = "fast_grid"

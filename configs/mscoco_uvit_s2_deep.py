@@ -7,6 +7,8 @@ embeddings, discrete SD schedule, DPM-Solver++ 50 steps, CFG scale 1.0, 30k samp
 import importlib.util
 import os
 
+from uvit_jax.models.presets import PRESETS
+
 
 def get_config():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mscoco_uvit_s2.py")
@@ -14,5 +16,5 @@ def get_config():
     small = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(small)
     c = small.get_config()
-    c.nnet.depth = 16
+    c.nnet = dict(PRESETS["mscoco_uvit_small_deep"])
     return c

@@ -2,7 +2,8 @@
 import pytest
 
 from helpers import load_config
-from uvit_jax.config import validate
+from uvit_jax.conditioning import Conditioning
+from uvit_jax.config import ConfigError, validate
 from uvit_jax.models import PRESETS, count_params
 
 # config file -> (preset, schedule, sampler, method, steps, cfg scale, batch, lr, betas, warm-up, n_steps, p_uncond)
@@ -35,9 +36,7 @@ def test_table1_config(name):
     preset, schedule, sampler, method, steps, scale, batch, lr, betas, warmup, n_steps, p_uncond = TABLE_1[name]
     c = load_config(name)
     validate(c, device_count=8)
-    nnet = c.nnet.to_dict()
-    assert nnet.pop("skip") is True
-    assert nnet == PRESETS[preset]
+    assert c.nnet.to_dict() == PRESETS[preset]
     assert (c.schedule, c.sample.algorithm, c.sample.sample_steps) == (schedule, sampler, steps)
     if method:
         assert c.sample.method == method and c.sample.order == 3
@@ -77,3 +76,76 @@ def test_unknown_key_is_rejected_by_the_locked_config():
     c.lock()
     with pytest.raises(AttributeError):
         c.train.n_stepz = 3
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("nnet.num_classes", 1000, "must be 1001 for 1000 classes of imagenet_latents plus the null label"),
+    ("dataset.name", "imagenet", "config.dataset.name: must be one of"),
+    ("train.fid_interval", 1000, "config.train.fid_interval: must be a multiple of train.save_interval=50000"),
+    ("attention", "flash", "config.attention"),
+])
+def test_guards_name_the_key(key, value, message):
+    """A class model trained with condition drop needs its null label; FID only at save steps; known names only."""
+    c = load_config("imagenet256_uvit_h2")
+    section, _, leaf = key.rpartition(".")
+    (c[section] if section else c)[leaf] = value
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(c)
+
+
+def test_imagenet64_has_no_null_label_and_rejects_guidance():
+    """ImageNet-64 is trained without condition drop: its 1000 embeddings are all real classes."""
+    c = load_config("imagenet64_uvit_m4")
+    cond = Conditioning.from_config(c)
+    assert (cond.kind, cond.real_classes, cond.null_label) == ("class", 1000, None)
+    c.sample.cfg, c.sample.scale = True, 0.4
+    with pytest.raises(ConfigError, match="config.sample.cfg"):
+        validate(c)
+    c = load_config("imagenet256_uvit_l2")
+    assert Conditioning.from_config(c).null_label == 1000
+    assert Conditioning.from_config(load_config("cifar10_uvit_s2")).kind == "none"
+    assert Conditioning.from_config(load_config("mscoco_uvit_s2")).context_shape == (77, 768)
+
+
+
+# The official evaluation of each row (UVIT_SPEC §2.2, §4, §5): in-training FID sampler (train*.py: 50-step
+# DPM-Solver, guided only in train_t2i_discrete.py) and final sampler (eval*.py). Columns: script pair,
+# (in-training algorithm, method, steps, scale), (final algorithm, method, steps, scale, n_samples, labels).
+OFFICIAL_EVAL = {
+    "cifar10_uvit_s2": ("train.py / eval.py", ("dpm_solver", "fast", 50, 0.0),
+                        ("euler_maruyama_sde", None, 1000, 0.0, 50_000, None)),
+    "celeba64_uvit_s4": ("train.py / eval.py", ("dpm_solver", "fast", 50, 0.0),
+                         ("euler_maruyama_sde", None, 1000, 0.0, 50_000, None)),
+    "imagenet64_uvit_m4": ("train.py / eval.py", ("dpm_solver", "fast", 50, 0.0),
+                           ("dpm_solver", "fast", 50, 0.0, 50_000, "dataset")),
+    "imagenet64_uvit_l4": ("train.py / eval.py", ("dpm_solver", "fast", 50, 0.0),
+                           ("dpm_solver", "fast", 50, 0.0, 50_000, "dataset")),
+    "imagenet256_uvit_l2": ("train_ldm.py / eval_ldm.py", ("dpm_solver", "fast", 50, 0.0),
+                            ("dpm_solver", "fast", 50, 0.4, 50_000, "uniform")),
+    "imagenet256_uvit_h2": ("train_ldm_discrete.py / eval_ldm_discrete.py", ("dpm_solver_pp", "fast_grid", 50, 0.0),
+                            ("dpm_solver_pp", "fast_grid", 50, 0.4, 50_000, "uniform")),
+    "imagenet512_uvit_l4": ("train_ldm.py / eval_ldm.py", ("dpm_solver", "fast", 50, 0.0),
+                            ("dpm_solver", "fast", 50, 0.7, 50_000, "uniform")),
+    "imagenet512_uvit_h4": ("train_ldm_discrete.py / eval_ldm_discrete.py", ("dpm_solver_pp", "fast_grid", 50, 0.0),
+                            ("dpm_solver_pp", "fast_grid", 50, 0.7, 50_000, "uniform")),
+    "mscoco_uvit_s2": ("train_t2i_discrete.py / eval_t2i_discrete.py", ("dpm_solver_pp", "fast_grid", 50, 1.0),
+                       ("dpm_solver_pp", "fast_grid", 50, 1.0, 30_000, None)),
+    "mscoco_uvit_s2_deep": ("train_t2i_discrete.py / eval_t2i_discrete.py", ("dpm_solver_pp", "fast_grid", 50, 1.0),
+                            ("dpm_solver_pp", "fast_grid", 50, 1.0, 30_000, None)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_EVAL))
+def test_in_training_and_final_samplers_follow_the_official_scripts(name):
+    from uvit_jax.eval_mode import training_fid_sampler
+    _, (t_alg, t_method, t_steps, t_scale), (alg, method, steps, scale, n, labels) = OFFICIAL_EVAL[name]
+    c = load_config(name)
+    fid = training_fid_sampler(c)
+    assert (fid["algorithm"], fid["method"], fid["steps"], fid["order"], fid["scale"]) == (
+        t_alg, t_method, t_steps, 3, t_scale)
+    assert (c.sample.algorithm, c.sample.sample_steps, c.sample.scale, c.sample.n_samples) == (alg, steps, scale, n)
+    if method:
+        assert c.sample.method == method
+    if labels:
+        assert c.sample.label_distribution == labels
+    assert c.train.fid_n_samples == 10_000 and c.train.save_interval == 50_000

@@ -13,8 +13,7 @@ import pytest
 from uvit_jax import parallel
 from uvit_jax.convert import (from_official, load_converted, load_state_dict, load_torch_file, params_from_official,
                               params_to_official, save_torch_file, to_official)
-from uvit_jax.convert.__main__ import main as convert_main
-from uvit_jax.convert.__main__ import resolve_nnet
+from uvit_jax.convert import save_converted
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIX / "uvit_manifest.json").read_text())
@@ -134,13 +133,13 @@ def test_float64_weights_roundtrip():
         jax.config.update("jax_enable_x64", before)
 
 
-def test_cli_roundtrip(tmp_path, capsys):
+def test_converted_dir_roundtrip(tmp_path):
+    """official .pth -> converted dir (what `main.py --mode convert` writes) -> official, bit-exact; FSDP restore."""
     kwargs, sd = case(CASES[0])
     out_dir = tmp_path / "converted"
     pth = tmp_path / "nnet_ema.pth"
     save_torch_file(sd, pth)
-    assert convert_main(["--nnet", json.dumps(kwargs), "--input", str(pth), "--output", str(out_dir)]) == 0
-    assert "284,448 parameters" in capsys.readouterr().out  # manifest n_params
+    save_converted(out_dir, params_from_official(load_state_dict(pth), nnet_of(kwargs)), nnet_of(kwargs))
     nnet, params = load_converted(out_dir)
     assert nnet == nnet_of(kwargs) and json.loads((out_dir / "nnet.json").read_text()) == nnet
     assert_same_state_dict(params_to_official(params, nnet), sd)
@@ -151,17 +150,8 @@ def test_cli_roundtrip(tmp_path, capsys):
     assert sharded["mid_block"]["mlp"]["fc1"]["kernel"].sharding == shardings["mid_block"]["mlp"]["fc1"]["kernel"]
     assert_same_state_dict(params_to_official(jax.tree.map(np.asarray, sharded), nnet), sd)
     back = tmp_path / "back.pth"
-    assert convert_main(["--to-official", "--input", str(out_dir), "--output", str(back)]) == 0
+    save_torch_file(params_to_official(params, nnet), back)
     assert_same_state_dict(load_torch_file(back), sd)
-
-
-def test_cli_network_resolution():
-    nnet = resolve_nnet("mscoco_uvit_small", None, ["--nnet.depth=16", "--nnet.use_checkpoint=True"])
-    assert nnet["name"] == "uvit_t2i" and nnet["depth"] == 16 and nnet["use_checkpoint"] is True
-    with pytest.raises(SystemExit, match=r"unknown uvit network option\(s\) \['dept'\]"):
-        resolve_nnet("cifar10_uvit_small", None, ["--nnet.dept=3"])
-    with pytest.raises(SystemExit, match="--preset NAME or --nnet JSON"):
-        resolve_nnet(None, None, [])
 
 
 def test_reads_legacy_torch_file(tmp_path):

@@ -147,6 +147,12 @@ def test_dynamic_thresholding():
     x_T = jax.random.normal(jax.random.PRNGKey(0), (4, 8)) * 0.3
     np.testing.assert_allclose(dpm_solver_sample(gauss_eps_fn(DS, s=0.1, mu=0.0), x_T, DS, thresholding=True, **kw),
                                dpm_solver_sample(gauss_eps_fn(DS, s=0.1, mu=0.0), x_T, DS, **kw), rtol=1e-6)
+    # Data spread far beyond [-1, 1]: thresholding changes the result and keeps the sample in range.
+    wide = gauss_eps_fn(DS, s=3.0, mu=0.0)
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (4, 64))
+    plain = np.asarray(dpm_solver_sample(wide, x_T, DS, **kw))
+    clipped = np.asarray(dpm_solver_sample(wide, x_T, DS, thresholding=True, **kw))
+    assert np.abs(plain).max() > 3.0 and np.abs(clipped).max() < 1.1
     with pytest.raises(ValueError, match="predict_x0"):
         dpm_solver_sample(gauss_eps_fn(VP), x_T, VP, steps=10, thresholding=True)
 

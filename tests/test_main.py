@@ -1,4 +1,5 @@
-"""main.py end to end: train (and resume), sample (and resume), eval; bad config and missing data fail fast."""
+"""main.py end to end on the tiny config: every mode (train, sample, eval, benchmark, convert) and the mistakes a
+person makes, each ending in one line without a traceback."""
 import glob
 import json
 import os
@@ -7,29 +8,50 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from helpers import ROOT, tiny_config
-from uvit_jax import sample, train
+from uvit_jax import convert, parallel, sample, train
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_main(*args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_unknown_config_key_fails_fast_naming_it(tmp_path):
-    r = run_main("--config", "configs/test_tiny.py", "--workdir", str(tmp_path), "--config.train.bogus_key=3")
+def one_line_error(r, *fragments):
+    """Failed, with a single `error:` line naming every fragment, and no traceback."""
     assert r.returncode != 0
-    assert "bogus_key" in r.stderr
-    assert not os.path.exists(tmp_path / "checkpoints")
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def test_unknown_config_key_fails_fast_naming_it(tmp_path):
+    r = run_main("--config", "configs/test_tiny.py", "--workdir", str(tmp_path), "--config.train.n_step=3")
+    line = one_line_error(r, "n_step", 'Did you mean "n_steps"')
+    assert "\\n" not in line and "\\'" not in line  # not an escaped repr
+    assert not os.listdir(tmp_path)
 
 
 def test_invalid_config_value_fails_naming_the_key(tmp_path):
     r = run_main("--config", "configs/test_tiny.py", "--workdir", str(tmp_path), "--config.train.batch_size=12")
-    assert r.returncode != 0
-    assert "config.train.batch_size" in r.stderr
+    one_line_error(r, "config.train.batch_size")
+    r = run_main("--config", "configs/test_tiny.py", "--workdir", str(tmp_path), "--config.dataset.name=mnist")
+    one_line_error(r, "config.dataset.name", "mnist")
+    assert not os.listdir(tmp_path)
+
+
+def test_device_count_other_than_the_launch_expects_stops(tmp_path):
+    r = run_main("--config", "configs/test_tiny.py", "--workdir", str(tmp_path), "--config.mesh.expect_devices=3")
+    one_line_error(r, "sees 8 devices", "expected 3", "mesh.expect_devices")
+    assert not os.listdir(tmp_path)
 
 
 def test_missing_dataset_fails_fast_with_a_clear_message(tmp_path):
@@ -37,31 +59,74 @@ def test_missing_dataset_fails_fast_with_a_clear_message(tmp_path):
     empty.mkdir()
     r = run_main("--config", "configs/cifar10_uvit_s2.py", "--workdir", str(tmp_path / "w"),
                  f"--config.dataset.data_dir={empty}", "--config.dtype=float32", timeout=120)
-    assert r.returncode != 0
-    assert "cifar10" in r.stderr and str(empty) in r.stderr
+    one_line_error(r, "cifar10", str(empty), "tfds build")
+    assert not os.path.exists(tmp_path / "w")
 
 
-def test_main_trains_then_resumes(digits_dir, tmp_path):
+def test_sample_and_eval_on_an_empty_workdir_say_what_to_do(tmp_path):
+    workdir = tmp_path / "never_trained"
+    r = run_main("--config", "configs/test_tiny.py", "--workdir", str(workdir), "--mode", "sample")
+    one_line_error(r, "Train first", "sample.params_dir")
+    assert not os.path.exists(workdir)  # nothing left behind in a wrong workdir
+    r = run_main("--config", "configs/test_tiny.py", "--workdir", str(workdir), "--mode", "eval")
+    one_line_error(r, "--config.eval.inception_path=", "pt_inception-2015-12-05")
+
+
+def test_every_mode_through_main(digits_dir, tmp_path):
+    """train -> rerun (finished) -> sample (exact count, grid) -> eval (stand-in features) -> benchmark -> convert
+    (our params -> official .pth -> our params, bit-exact), all through main.py."""
     workdir = str(tmp_path / "run")
     common = ["--config", "configs/test_tiny.py", "--workdir", workdir, f"--config.dataset.data_dir={digits_dir}"]
     r = run_main(*common, "--config.train.n_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(os.path.join(workdir, "grids", "step_00000002.png"))
-    # the resumed run also computes FID-16 every 2 steps (stand-in features, reference stats from the digits)
-    r = run_main(*common, "--config.train.n_steps=4", "--config.train.fid_interval=2",
-                 "--config.train.fid_n_samples=16", "--config.eval.inception_path=standin",
-                 "--config.eval.ref_stats=", "--config.eval.batch_size=256")
+    assert "step 2/2  loss" in r.stderr and "ETA" in r.stderr
+    assert "Training done at step 2" in r.stderr and "tensorboard --logdir" in r.stderr
+    assert "orbax" not in r.stderr.lower() and "Downloading" not in r.stderr
+    assert len(r.stderr.splitlines()) < 25, r.stderr
+
+    r = run_main(*common, "--config.train.n_steps=2")
+    assert r.returncode == 0 and "already finished" in r.stderr and "--config.train.n_steps=" in r.stderr
+
+    r = run_main(*common, "--mode", "sample", "--config.sample.n_samples=20")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Resumed from step 2" in r.stderr
-    assert "step 4: FID-16" in r.stderr
-    assert os.path.exists(os.path.join(workdir, "eval", "ref_stats_uvit_digits_32.npz"))
-    assert sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-                  if os.path.basename(d).isdigit())[-1] == 4
+    files = sample.sample_files(os.path.join(workdir, "samples"))
+    assert sum(np.load(f)["images"].shape[0] for f in files) == 20
+    assert "Wrote 20 samples this run" in r.stderr and "grid.png" in r.stderr
+    assert os.path.exists(os.path.join(workdir, "samples", "grid.png"))
+
+    r = run_main(*common, "--mode", "eval", "--config.eval.feature_fn=standin_features:make")
+    assert r.returncode == 0, r.stderr[-3000:]
+    written = glob.glob(os.path.join(workdir, "eval", "metrics_*.json"))
+    metrics = json.load(open(written[0]))
+    assert metrics["n_samples"] == 20 and np.isfinite(metrics["fid"]) and "ref_stats_uvit_digits_32" in metrics["reference"]
+
+    r = run_main(*common, "--mode", "benchmark", "--benchmark_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    bench = json.load(open(os.path.join(workdir, "benchmark.json")))
+    assert bench["step_s"] > 0 and bench["global_batch"] == 16
+
+    # convert: the EMA params as a converted dir -> official .pth -> converted again, identical
+    config = tiny_config(digits_dir)
+    params, _ = sample.load_ema_params(config, workdir, parallel.make_mesh())
+    params = jax.device_get(params)
+    convert.save_converted(str(tmp_path / "ours"), params, dict(config.nnet))
+    pth = str(tmp_path / "nnet_ema.pth")
+    r = run_main(*common, "--mode", "convert", "--convert_to_official", f"--convert_input={tmp_path / 'ours'}",
+                 f"--convert_output={pth}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_main(*common, "--mode", "convert", f"--convert_input={pth}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, back = convert.load_converted(os.path.join(workdir, "converted"))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(back))):
+        np.testing.assert_array_equal(a, b)
+    r = run_main(*common, "--mode", "convert", f"--convert_input={tmp_path / 'missing.pth'}")
+    one_line_error(r, "missing.pth")
 
 
-def test_sample_resume_and_eval(digits_dir, tmp_path):
+def test_sample_resume_regenerates_only_the_lost_batch(digits_dir, tmp_path):
     """Sample mode writes exactly N images; a re-run after losing a batch regenerates just that batch, identically;
-    eval mode writes metrics computed with a stand-in feature network."""
+    a converted-params dir of the same EMA params samples the same images."""
     workdir = str(tmp_path)
     config = tiny_config(digits_dir, n_steps=2)
     train.train_and_evaluate(config, workdir)
@@ -73,43 +138,42 @@ def test_sample_resume_and_eval(digits_dir, tmp_path):
     assert sum(len(x) for x in images) == 40
     assert images[0].dtype == np.uint8 and images[0].shape[1:] == (32, 32, 1)
     labels = np.concatenate([np.load(f)["labels"] for f in files])
-    assert labels.min() >= 0 and labels.max() <= 9
+    assert labels.min() >= 0 and labels.max() <= 9 and len(np.unique(labels)) > 5
 
-    # "preempted" before batch 1 was written: a re-run makes only that batch, identical to the lost one
     lost = files[1]
     before = {f: os.path.getmtime(f) for f in files if f != lost}
     os.remove(lost)
     sample.sample_to_dir(config, workdir)
     np.testing.assert_array_equal(np.load(lost)["images"], images[1])
     assert all(os.path.getmtime(f) == t for f, t in before.items())
-    assert sum(np.load(f)["images"].shape[0] for f in sample.sample_files(out)) == 40
 
-    # the same EMA params as a converted-checkpoint dir (what `python -m uvit_jax.convert` writes) sample the same
-    from uvit_jax import convert
-    params, _ = sample.load_ema_params(config, workdir)
+    params, _ = sample.load_ema_params(config, workdir, parallel.make_mesh())
     convert.save_converted(str(tmp_path / "converted"), jax.device_get(params), dict(config.nnet))
     config.sample.params_dir = str(tmp_path / "converted")
     config.sample.path = str(tmp_path / "from_converted")
     config.sample.n_samples = 16
     sample.sample_to_dir(config, workdir)
     np.testing.assert_array_equal(np.load(tmp_path / "from_converted" / "batch_000000.npz")["images"], images[0])
-    config.sample.params_dir, config.sample.path = None, None
-
-    config.eval.inception_path = "standin"
-    config.eval.ref_stats = None
-    metrics = sample.evaluate_workdir(config, workdir)
-    for k in ("fid", "sfid", "is", "precision", "recall"):
-        assert np.isfinite(metrics[k]), k
-    assert metrics["n_samples"] == 40
-    written = glob.glob(os.path.join(workdir, "eval", "metrics_*.json"))
-    assert len(written) == 1 and json.load(open(written[0]))["fid"] == pytest.approx(metrics["fid"])
 
 
 def test_quickstart_config_runs_end_to_end(digits_dir, tmp_path):
     """A few steps of the real quickstart config through main.py, with its grid (the full run is a README command)."""
     r = run_main("--config", "configs/quickstart.py", "--workdir", str(tmp_path), f"--config.dataset.data_dir={digits_dir}",
                  "--config.train.n_steps=3", "--config.train.eval_interval=3", "--config.train.log_interval=1",
-                 "--config.sample.grid_size=20")
+                 "--config.train.save_interval=3", "--config.sample.grid_size=20")
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(tmp_path / "grids" / "step_00000003.png")
-    assert "loss=" in r.stderr
+    assert "step 3/3  loss" in r.stderr
+
+
+def test_label_distributions(digits_dir, tmp_path):
+    """"dataset" draws sample labels from the training set's class frequencies (read once, cached); the draw follows
+    the given probabilities."""
+    config = tiny_config(digits_dir)
+    config.sample.label_distribution = "dataset"
+    probs = sample.label_probabilities(config, str(tmp_path), 10)
+    np.testing.assert_allclose(probs, np.full(10, 0.1))  # the bundled digits: 500 of each
+    assert os.path.exists(tmp_path / "eval" / "class_frequencies_uvit_digits.npy")
+    skewed = np.array([0.7, 0.3] + [0.0] * 8)
+    labels = np.asarray(sample.sample_labels(jax.random.key(0), 4000, skewed))
+    assert set(np.unique(labels)) == {0, 1} and abs((labels == 0).mean() - 0.7) < 0.03

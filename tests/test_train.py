@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from uvit_jax import checkpoint, parallel, train
+from uvit_jax import parallel, preemption, rng, train, train_step
 from uvit_jax.benchmark import synthetic_batch
 
 from helpers import load_config, tiny_config
@@ -39,12 +39,12 @@ def test_sharded_step_equals_single_device(digits_dir):
     config = tiny_config(digits_dir)
     config.dataset.p_uncond = 0.3  # exercise the condition drop too
     batches = host_batches(config, 3)
-    one = train.Trainer(config, mesh=parallel.make_mesh(devices=jax.devices()[:1]), null_cond=10)
-    eight = train.Trainer(config, null_cond=10)
+    one = train_step.Trainer(config, mesh=parallel.make_mesh(devices=jax.devices()[:1]), null_cond=10)
+    eight = train_step.Trainer(config, null_cond=10)
     fsdp = load_config("test_tiny")
     fsdp.mesh.fsdp = 2
     fsdp.dataset.p_uncond = 0.3
-    eight_fsdp = train.Trainer(fsdp, null_cond=10)
+    eight_fsdp = train_step.Trainer(fsdp, null_cond=10)
     s1, m1 = run_steps(one, one.init(), batches)
     s8, m8 = run_steps(eight, eight.init(), batches)
     sf, mf = run_steps(eight_fsdp, eight_fsdp.init(), batches)
@@ -60,19 +60,19 @@ def test_gradient_accumulation_averages_micro_batch_gradients(digits_dir):
     config = tiny_config(digits_dir)
     config.train.grad_accum_steps = 2
     config.optimizer.lr, config.lr_scheduler.warmup_steps = 1e-3, 0
-    trainer = train.Trainer(config, null_cond=10)
+    trainer = train_step.Trainer(config, null_cond=10)
     state = trainer.init()
     params0 = jax.device_get(state["params"])
     host = host_batches(config, 1)[0]
     new_state, metrics = trainer.step_fn(state, trainer.to_global(host))
 
-    loss_fn = train.make_loss_fn(config, null_cond=10)
-    key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    micro = train.split_micro_batches(jax.tree.map(jnp.asarray, host), 2)
+    loss_fn = train_step.make_loss_fn(config, null_cond=10)
+    key = rng.stream_key(config.seed, rng.TRAIN, 0)
+    micro = train_step.split_micro_batches(jax.tree.map(jnp.asarray, host), 2)
     results = [jax.value_and_grad(loss_fn)(params0, jax.tree.map(lambda x: x[a], micro), jax.random.fold_in(key, a))
                for a in range(2)]
     grads = jax.tree.map(lambda g0, g1: (g0 + g1) / 2, results[0][1], results[1][1])
-    tx = train.make_optimizer(config)
+    tx = train_step.make_optimizer(config)
     updates, _ = tx.update(grads, tx.init(params0), params0)
     expected = jax.tree.map(lambda p, u: p + u, params0, updates)
     # Adam's first step is nearly sign(g): params pin the direction, the gradient norm pins the averaging.
@@ -82,7 +82,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients(digits_dir):
 
 
 def test_warmup_lr_matches_official_numbers():
-    sched = train.warmup_schedule(2e-4, 5000)
+    sched = train_step.warmup_schedule(2e-4, 5000)
     lrs = [float(sched(jnp.asarray(k))) for k in range(3)]
     np.testing.assert_allclose(lrs, [0.0, 4e-8, 8e-8], rtol=1e-6, atol=0)
     assert float(sched(jnp.asarray(5000))) == pytest.approx(2e-4)
@@ -93,7 +93,8 @@ def test_adamw_and_ema_follow_the_official_update():
     """Two steps of our optimizer + EMA against a NumPy transcription of torch.optim.AdamW and the official ema()."""
     config = load_config("test_tiny")
     config.optimizer.lr, config.lr_scheduler.warmup_steps = 1e-2, 1
-    tx = train.make_optimizer(config)
+    config.ema_rate = 0.5  # a missed or doubled EMA update moves the result by a visible amount
+    tx = train_step.make_optimizer(config)
     p = {"w": jnp.array([0.5, -1.0, 2.0])}
     grads = [np.array([0.1, -0.2, 0.3]), np.array([-0.4, 0.5, 0.05])]
     state, ema = tx.init(p), p
@@ -104,7 +105,7 @@ def test_adamw_and_ema_follow_the_official_update():
     for k, g in enumerate(grads):
         upd, state = tx.update({"w": jnp.asarray(g)}, state, p)
         p = jax.tree.map(lambda a, u: a + u, p, upd)
-        ema = train.ema_update(ema, p, config.ema_rate)
+        ema = train_step.ema_update(ema, p, config.ema_rate)
         lr = 1e-2 * min(k / 1, 1.0)
         ref_p = ref_p * (1 - lr * wd)
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
@@ -119,13 +120,13 @@ def test_adamw_and_ema_follow_the_official_update():
 def test_train_step_traces_once(digits_dir):
     config = tiny_config(digits_dir)
     traces = []
-    step = train.make_train_step(config, null_cond=10)
+    step = train_step.make_train_step(config, null_cond=10)
 
     def counted(state, batch):
         traces.append(1)
         return step(state, batch)
 
-    trainer = train.Trainer(config, null_cond=10)
+    trainer = train_step.Trainer(config, null_cond=10)
     fn = jax.jit(counted, in_shardings=(trainer.state_sharding, trainer.batch_sharding),
                  out_shardings=(trainer.state_sharding, trainer.replicated), donate_argnums=0)
     state = trainer.init()
@@ -134,12 +135,28 @@ def test_train_step_traces_once(digits_dir):
     assert len(traces) == 1
 
 
-def _sigterm_at(step_to_stop):
-    def callback(step, state):
-        if step == step_to_stop:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return {}
-    return callback
+def sigterm_after_step(monkeypatch, stop_step):
+    """SIGTERM this process while step `stop_step` runs (when the batch of the step after it is drawn)."""
+    original = train.data.make_train_batches
+
+    def batches(*args, start_step=0, **kwargs):
+        it = original(*args, start_step=start_step, **kwargs)
+
+        class Wrapped:
+            step = start_step
+
+            def __next__(self):
+                self.step += 1
+                if self.step == stop_step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return next(it)
+
+            def close(self):
+                it.close()
+
+        return Wrapped()
+
+    monkeypatch.setattr(train.data, "make_train_batches", batches)
 
 
 def test_exact_resume_after_sigterm_and_on_fewer_devices(digits_dir, tmp_path):
@@ -147,14 +164,14 @@ def test_exact_resume_after_sigterm_and_on_fewer_devices(digits_dir, tmp_path):
     n = 8
     straight = train.train_and_evaluate(tiny_config(digits_dir, n_steps=n), str(tmp_path / "straight"))
 
-    config = tiny_config(digits_dir, n_steps=n, save_interval=100, fid_interval=1)
+    config = tiny_config(digits_dir, n_steps=n, save_interval=100)
     workdir = str(tmp_path / "interrupted")
-    first = train.train_and_evaluate(config, workdir, eval_callback=_sigterm_at(n // 2))
+    with pytest.MonkeyPatch.context() as mp:
+        sigterm_after_step(mp, n // 2)
+        first = train.train_and_evaluate(config, workdir)
     assert int(first["step"]) == n // 2  # stopped early on SIGTERM, after saving
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1)
-    assert ckpt.latest_step() == n // 2
-    ckpt.close()
-    checkpoint.reset_preemption_request()  # a real restart is a new process
+    assert saved_steps(workdir) == [n // 2]
+    preemption.reset_preemption_request()  # a real restart is a new process
     resumed = train.train_and_evaluate(tiny_config(digits_dir, n_steps=n), workdir)
     assert int(resumed["step"]) == n
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
@@ -177,13 +194,58 @@ def test_training_writes_grid_events_and_config(digits_dir, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
+def saved_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit())
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_dir, tmp_path):
     config = tiny_config(digits_dir, n_steps=4, save_interval=2, log_interval=2)
     train.train_and_evaluate(config, str(tmp_path))  # a good checkpoint at 2 and 4
     config = tiny_config(digits_dir, n_steps=8, save_interval=2, log_interval=2)
     config.optimizer.lr = float("inf")  # the next update makes every param non-finite
-    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 4"):
+    with pytest.raises(train.NonFiniteLossError, match="newest checkpoint is step 4 .*restored at start"):
         train.train_and_evaluate(config, str(tmp_path))
-    ckpt = checkpoint.Checkpointer(os.path.join(str(tmp_path), "checkpoints"), save_interval_steps=1)
-    assert ckpt.latest_step() == 4
-    ckpt.close()
+    assert saved_steps(str(tmp_path)) == [2, 4]
+
+
+def test_nan_just_before_preemption_is_never_saved(digits_dir, tmp_path, monkeypatch):
+    """A NaN step followed by SIGTERM: the preemption save refuses the NaN state; step 4 stays the newest."""
+    train.train_and_evaluate(tiny_config(digits_dir, n_steps=4, save_interval=2), str(tmp_path))
+    config = tiny_config(digits_dir, n_steps=8, save_interval=100, log_interval=100)
+    config.optimizer.lr = float("inf")
+    sigterm_after_step(monkeypatch, 5)
+    try:
+        with pytest.raises(train.NonFiniteLossError, match="non-finite loss or parameters at step 5.*step 4"):
+            train.train_and_evaluate(config, str(tmp_path))
+    finally:
+        preemption.reset_preemption_request()
+    assert saved_steps(str(tmp_path)) == [2, 4]
+
+
+def test_fid_during_training_keeps_the_best_checkpoint_and_sample_mode_uses_it(digits_dir, tmp_path):
+    """FID at every save (stand-in features) writes eval/fid_<step>.json; the best step is recorded in best.json and
+    in the checkpoint metadata, survives max_to_keep=1, and sample mode picks it by default."""
+    import json
+
+    from uvit_jax import eval_mode, sample
+    workdir = str(tmp_path)
+    config = tiny_config(digits_dir, n_steps=6, save_interval=2, fid_interval=2, max_to_keep=1, fid_n_samples=16)
+    config.eval.feature_fn, config.eval.ref_stats = "standin_features:make", None
+    real_fid = eval_mode.make_training_fid_callback(config, workdir)
+    pretend = {2: 5.0, 4: 1.0, 6: 3.0}  # the real value is written to fid_<step>.json; the loop sees these
+
+    def callback(step, state):
+        assert np.isfinite(real_fid(step, state)["fid"])
+        return {"fid": pretend[step]}
+
+    train.train_and_evaluate(config, workdir, eval_callback=callback)
+    for step in (2, 4, 6):
+        record = json.load(open(tmp_path / "eval" / f"fid_{step}.json"))
+        assert record["step"] == step and record["n_samples"] == 16 and record["sampler"]["steps"] == 50
+    assert json.load(open(tmp_path / "eval" / "best.json")) == {"step": 4, "fid": 1.0}
+    assert saved_steps(workdir) == [4, 6]  # max_to_keep=1 kept the newest and the best
+    _, where = sample.load_ema_params(config, workdir, parallel.make_mesh())
+    assert "step 4 (best FID" in where
+    config.sample.step = "latest"
+    assert "step 6" in sample.load_ema_params(config, workdir, parallel.make_mesh())[1]

@@ -7,12 +7,18 @@ A config is locked after loading: an unknown `--config.x.y=...` override stops a
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
+from ml_collections.config_flags import config_path
+
+from uvit_jax.dataset_specs import KNOWN_DATASETS, class_count
 
 SCHEDULES = ("vp", "discrete")
 SAMPLERS = ("dpm_solver", "dpm_solver_pp", "euler_maruyama_sde", "euler_maruyama_ode")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")
+ATTENTION = ("auto", "xla", "cudnn", "einsum")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -22,6 +28,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.pred = "noise_pred"
     # Compute dtype of the network (params, optimizer state and EMA are always float32).
     c.dtype = "bfloat16"
+    # Attention kernel: "auto" picks per backend and dtype; "xla", "cudnn" (GPU, bf16) or "einsum" force one.
+    c.attention = "auto"
+    # Rematerialisation: None follows nnet.use_checkpoint (the official flag: "block"); "none", "block", "dots".
+    c.remat_policy = config_dict.placeholder(str)
+    # Which parts of the network stay float32 when `dtype` is bfloat16 (uvit_jax/models/layers.py Precision):
+    # residual "float32" | "until_skip" (the official fp16-autocast runs) | "compute"; attention "float32" |
+    # "compute"; final_layer "float32" | "compute". LayerNorm statistics and the softmax are float32 always.
+    c.precision = ml_collections.ConfigDict()
+    c.precision.residual = "float32"
+    c.precision.attention = "compute"
+    c.precision.final_layer = "float32"
     c.ema_rate = 0.9999
     # "vp": continuous VP SDE (beta 0.1 -> 20), network time 999*t; "discrete": Stable-Diffusion betas, time n.
     c.schedule = "vp"
@@ -36,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.fid_interval = 0  # FID-n_samples during training; 0 = off (needs eval.inception_path)
     c.train.fid_n_samples = 10_000
     c.train.max_to_keep = 3
+    c.train.profile_steps = 0  # >0: capture a profiler trace of this many steps (after the first log interval)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"
@@ -50,23 +68,49 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1  # >1 shards params and optimizer state over that many devices
+    c.mesh.expect_devices = 0  # >0: stop unless the run sees exactly this many devices (set by the launch scripts)
 
     c.nnet = ml_collections.ConfigDict()  # filled by each config: official constructor kwargs + name
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = config_dict.placeholder(str)
     c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the feature dir for latents
-    c.dataset.path = config_dict.placeholder(str)  # latent feature dir (official extract scripts' output)
-    c.dataset.image_size = 32
-    c.dataset.random_flip = True
+    c.dataset.path = config_dict.placeholder(str)  # latent feature dir (official extract scripts' or --mode extract's)
+    # Pixel datasets: None takes the dataset's own default (uvit_jax/data/datasets.py PIXEL_DATASETS).
+    c.dataset.image_size = config_dict.placeholder(int)
+    c.dataset.random_flip = config_dict.placeholder(bool)
     c.dataset.p_uncond = 0.0  # CFG training: condition dropped to the null label / empty context
 
     c.autoencoder = ml_collections.ConfigDict()
+    # The official autoencoder_kl.pth / autoencoder_kl_ema.pth, or a diffusers diffusion_pytorch_model.safetensors.
     c.autoencoder.pretrained_path = config_dict.placeholder(str)
     c.autoencoder.scale_factor = 0.18215
+    # The SD KL-f8 network (= uvit_jax.models.autoencoder.KL_F8_DDCONFIG, KL_F8_EMBED_DIM); tests shrink it.
+    c.autoencoder.ddconfig = ml_collections.ConfigDict(dict(
+        double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4, 4),
+        num_res_blocks=2, attn_resolutions=(), dropout=0.0))
+    c.autoencoder.embed_dim = 4
+
+    c.clip = ml_collections.ConfigDict()
+    # Hugging Face openai/clip-vit-large-patch14: model.safetensors, pytorch_model.bin or the snapshot dir (a
+    # config.json beside the weights gives the text tower's size; without one it is ViT-L/14's).
+    c.clip.pretrained_path = config_dict.placeholder(str)
+
+    # --mode extract: raw images (+ captions) -> autoencoder moments (+ CLIP contexts) for the latent configs.
+    c.extract = ml_collections.ConfigDict()
+    c.extract.source = "tfds"  # "tfds" (imagenet2012 / coco_captions) or a folder (ImageNet train dir, COCO root)
+    c.extract.data_dir = config_dict.placeholder(str)  # TFDS data_dir for source "tfds" (None: TFDS default)
+    c.extract.split = config_dict.placeholder(str)  # comma list; None: ImageNet "train", MS-COCO "train,val"
+    c.extract.resolution = config_dict.placeholder(int)  # None: nnet.img_size x the autoencoder's downsampling
+    c.extract.output = config_dict.placeholder(str)  # None: WORKDIR/features
+    c.extract.batch_size = 64  # global images (and captions) per encoder call
+    c.extract.shard_size = 256  # source images per shard: the unit written atomically and resumed
+    c.extract.log_interval = 10  # shards between progress lines
 
     c.sample = ml_collections.ConfigDict()
     c.sample.algorithm = "dpm_solver"
+    # Compute dtype of the network while sampling (grids, sample mode, FID): float32 unless measured otherwise.
+    c.sample.dtype = "float32"
     c.sample.sample_steps = 50
     c.sample.n_samples = 50_000
     c.sample.mini_batch_size = 500  # global batch per sampling call
@@ -81,30 +125,53 @@ def base_config() -> ml_collections.ConfigDict:
     # Sample from a converted official checkpoint (python -m uvit_jax.convert ... --output DIR) instead of the
     # EMA params of WORKDIR's newest checkpoint.
     c.sample.params_dir = config_dict.placeholder(str)
+    # Which checkpoint of the workdir sample mode uses: "best" (lowest FID during training, W/eval/best.json; the
+    # newest when no FID was computed), "latest", or a step number such as "250000".
+    c.sample.step = "best"
+    c.sample.random_params = False  # timing only (benchmarks): sample from freshly initialised weights
+    # Class labels of samples: "uniform" over the real classes, or "dataset" (the training set's class
+    # frequencies, as the official ImageNet-64 evaluation draws them).
+    c.sample.label_distribution = "uniform"
     c.sample.grid_steps = 25  # few-step DPM-Solver for the training-time grids
     c.sample.grid_size = 64
+    # Text-to-image: a file of prompts (one a line) -> one image per prompt + a captioned grid, instead of the
+    # n_samples validation-caption samples.
+    c.sample.prompts = config_dict.placeholder(str)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.inception_path = config_dict.placeholder(str)  # pytorch-fid pt_inception-2015-12-05-6726825d.pth
+    # Another feature network instead of Inception: "module:function" returning a feature_fn (see evaluate.py).
+    c.eval.feature_fn = config_dict.placeholder(str)
     c.eval.ref_stats = config_dict.placeholder(str)  # official fid_stats_*.npz or ADM VIRTUAL_*.npz
     c.eval.batch_size = 200
     c.eval.pr_k = 3
     return c
 
 
-def nnet_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """The model's constructor kwargs (plus `name`) as a plain dict."""
-    return dict(config.nnet.to_dict())
+class ConfigError(ValueError):
+    """A config value that would fail later; the message names the key, the value and what is allowed."""
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
-    """Raise ValueError naming the offending key for values that would fail later (before any compile)."""
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None, workdir: str | None = None) -> None:
+    """Raise ConfigError naming the offending key for values that would fail later (before JAX starts when
+    `device_count` is None; the device-dependent checks run when it is given). `workdir` is checked writable."""
     def need(ok: bool, key: str, msg: str):
         if not ok:
-            raise ValueError(f"config.{key}: {msg} (got {_get(config, key)!r})")
+            raise ConfigError(f"config.{key}: {msg} (got {config_path.get_value(key, config)!r})")
 
     need(config.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
     need(config.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+    need(config.attention in ATTENTION, "attention", f"must be one of {ATTENTION}")
+    need(config.sample.dtype in DTYPES, "sample.dtype", f"must be one of {DTYPES}")
+    need(config.remat_policy in (None, "none", "block", "dots"), "remat_policy",
+         "must be 'none', 'block', 'dots' or unset (follows nnet.use_checkpoint)")
+    need(config.precision.residual in ("float32", "until_skip", "compute"), "precision.residual",
+         "must be 'float32', 'until_skip' or 'compute'")
+    for part in ("attention", "final_layer"):
+        need(config.precision[part] in ("float32", "compute"), f"precision.{part}", "must be 'float32' or 'compute'")
+    if config.precision.attention == "float32":
+        need(config.attention != "cudnn", "attention", "cuDNN flash attention needs bf16/fp16 inputs; "
+             "precision.attention='float32' casts q, k, v to float32")
     need(config.pred == "noise_pred", "pred", "only noise prediction is implemented (as in every official config)")
     need(0.0 <= config.ema_rate < 1.0, "ema_rate", "must be in [0, 1)")
     need(config.train.n_steps > 0, "train.n_steps", "must be positive")
@@ -112,8 +179,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     need(config.train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     need(config.train.batch_size % config.train.grad_accum_steps == 0, "train.batch_size",
          f"must be divisible by train.grad_accum_steps={config.train.grad_accum_steps}")
-    for key in ("log_interval", "eval_interval", "save_interval"):
+    for key in ("log_interval", "eval_interval", "save_interval", "max_to_keep"):
         need(config.train[key] > 0, f"train.{key}", "must be positive")
+    need(config.train.fid_interval >= 0, "train.fid_interval", "must be >= 0 (0 = off)")
+    need(config.train.fid_interval % config.train.save_interval == 0, "train.fid_interval",
+         f"must be a multiple of train.save_interval={config.train.save_interval} (FID is computed at saves, so "
+         "the best checkpoint exists on disk)")
+    need(config.train.profile_steps >= 0, "train.profile_steps", "must be >= 0")
     need(config.optimizer.name == "adamw", "optimizer.name", "only adamw is implemented")
     need(config.optimizer.lr > 0, "optimizer.lr", "must be positive")
     need(len(config.optimizer.betas) == 2 and all(0 <= b < 1 for b in config.optimizer.betas),
@@ -123,17 +195,30 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     need(config.sample.algorithm in SAMPLERS, "sample.algorithm", f"must be one of {SAMPLERS}")
     need(config.sample.sample_steps > 0, "sample.sample_steps", "must be positive")
     need(config.sample.scale >= 0, "sample.scale", "must be >= 0")
+    need(config.sample.label_distribution in ("uniform", "dataset"), "sample.label_distribution",
+         "must be 'uniform' or 'dataset'")
+    need(config.sample.step in ("best", "latest") or config.sample.step.isdigit(), "sample.step",
+         "must be 'best', 'latest' or a step number")
     need(0.0 <= config.dataset.p_uncond < 1.0, "dataset.p_uncond", "must be in [0, 1)")
     need(config.mesh.fsdp >= 1, "mesh.fsdp", "must be >= 1")
-    need("name" in config.nnet and config.nnet.name in ("uvit", "uvit_t2i"), "nnet.name", "must be 'uvit' or 'uvit_t2i'")
-    need(config.dataset.name is not None, "dataset.name", "must be set")
+    for key in ("batch_size", "shard_size", "log_interval"):
+        need(config.extract[key] > 0, f"extract.{key}", "must be positive")
+    if config.extract.split:
+        need(set(config.extract.split.split(",")) <= {"train", "val"}, "extract.split",
+             "must be 'train', 'val' or 'train,val'")
+    if config.sample.prompts:
+        need(config.nnet.get("name") == "uvit_t2i", "sample.prompts", "needs a text-to-image network (uvit_t2i)")
+    need(config.mesh.expect_devices >= 0, "mesh.expect_devices", "must be >= 0 (0 = no check)")
+    need("name" in config.nnet and config.nnet.name in ("uvit", "uvit_t2i"), "nnet.name",
+         "must be 'uvit' or 'uvit_t2i'")
+    need(config.dataset.name in KNOWN_DATASETS, "dataset.name", f"must be one of {sorted(KNOWN_DATASETS)}")
+    _validate_conditioning(config, need)
     if config.sample.thresholding:
         need(config.sample.algorithm == "dpm_solver_pp", "sample.thresholding", "applies to dpm_solver_pp only")
     if config.sample.algorithm.startswith("euler"):
         need(config.schedule == "vp", "sample.algorithm", "Euler-Maruyama is defined for the vp schedule only")
-    if config.sample.cfg or config.dataset.p_uncond > 0:
-        need(config.nnet.get("num_classes", 0) > 0 or config.nnet.name == "uvit_t2i", "sample.cfg",
-             "classifier-free guidance needs a class- or text-conditional network")
+    if workdir is not None:
+        _check_writable(workdir)
     if device_count is not None:
         micro = config.train.batch_size // config.train.grad_accum_steps
         need(micro % device_count == 0, "train.batch_size",
@@ -141,8 +226,36 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         need(device_count % config.mesh.fsdp == 0, "mesh.fsdp", f"must divide the device count {device_count}")
 
 
-def _get(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+def _validate_conditioning(config, need) -> None:
+    """The network's condition must fit the dataset: a class model trained with condition drop reserves a null
+    label after the real classes (num_classes = K + 1), else the last real class would silently become it."""
+    text = config.nnet.name == "uvit_t2i"
+    k_net = int(config.nnet.get("num_classes", -1)) if not text else 0
+    k_data = class_count(config.dataset.name)
+    if text:
+        need(config.dataset.name == "mscoco_latents", "dataset.name", "a text-conditional network trains on "
+             "mscoco_latents")
+    elif k_net > 0:
+        need(k_data > 0, "nnet.num_classes", f"dataset {config.dataset.name} has no class labels; use -1 "
+             "(unconditional)")
+        want = k_data + 1 if config.dataset.p_uncond > 0 else k_data
+        need(k_net == want, "nnet.num_classes",
+             f"must be {want} for {k_data} classes of {config.dataset.name}"
+             + (" plus the null label of classifier-free guidance (dataset.p_uncond > 0)"
+                if config.dataset.p_uncond > 0 else " (no condition drop: no null label)"))
+    if config.sample.cfg or config.dataset.p_uncond > 0:
+        need(text or k_net > 0, "sample.cfg", "classifier-free guidance needs a class- or text-conditional network")
+    if config.sample.cfg and config.sample.scale > 0:
+        need(config.dataset.p_uncond > 0, "sample.cfg", "guidance needs a network trained with condition drop "
+             "(dataset.p_uncond > 0): it has no null condition otherwise")
+
+
+def _check_writable(workdir: str) -> None:
+    """A local workdir must be creatable and writable (object stores such as gs:// are checked at the first save)."""
+    if "://" in workdir:
+        return
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: {path} is not a writable directory")

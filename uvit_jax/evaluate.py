@@ -6,8 +6,8 @@ Pipeline (U-ViT's `tools/fid_score.py` = pytorch-fid, plus ADM's evaluator for s
   -> float64 running sums on the host -> mean / covariance (np.cov, ddof=1) -> Frechet distance in float64.
 
 A `feature_fn` maps uint8 images (B, H, W, 3) to {"pool": (B, 2048), "logits": (B, 1008), "spatial": (B, 2023)}.
-`make_inception_feature_fn(path)` builds the real one from pytorch-fid's weights; `make_standin_feature_fn(seed)`
-is a cheap random network with the same keys (smaller feature sizes), for tests and smoke runs only (not FID).
+`make_inception_feature_fn(path)` builds the real one from pytorch-fid's weights (tests use a cheap random stand-in
+with the same contract, tests/standin_features.py).
 
 Statistics dicts (from `compute_feature_stats`, `load_reference_stats`) share keys: "mu", "sigma" (pool3),
 optionally "mu_s", "sigma_s" (spatial, for sFID), "pool_features" (float32 rows kept for precision/recall),
@@ -30,6 +30,8 @@ import numpy as np
 from absl import logging
 from scipy import special
 
+from uvit_jax import files
+from uvit_jax.images import to_uint8
 from uvit_jax.models import inception
 
 FeatureFn = Callable[[Any], Mapping[str, Any]]
@@ -247,10 +249,7 @@ def to_uint8_rgb(images) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected images (B, H, W, C) with C in (1, 3), got shape {images.shape}")
-    if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"expected uint8 or float images in [-1, 1], got dtype {images.dtype}")
-        images = np.clip(np.floor((images.astype(np.float32) + 1.0) * 127.5 + 0.5), 0, 255).astype(np.uint8)
+    images = to_uint8(images)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     return images
@@ -403,9 +402,7 @@ def save_reference_stats(stats: Mapping, path: str, *, max_pool_features: int | 
         raise ValueError(f"save_reference_stats: stats need 'mu' and 'sigma', got keys {sorted(stats)}")
     if "pool_features" in arrays and max_pool_features is not None:
         arrays["pool_features"] = arrays["pool_features"][:max_pool_features]
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    files.write_npz(path, arrays)
 
 
 def _check_pair(mu: np.ndarray, sigma: np.ndarray, what: str, path: str) -> None:
@@ -504,31 +501,3 @@ def make_inception_feature_fn(weights_path: str, *, dtype=jnp.float32,
     from uvit_jax.convert.inception import load_inception  # the converter is only needed for real weights
 
     return inception_feature_fn(load_inception(weights_path, dtype=dtype, precision=precision))
-
-
-def make_standin_feature_fn(seed: int = 0, *, pool_dim: int = 128, spatial_grid: int = 4) -> FeatureFn:
-    """TEST / SMOKE STAND-IN ONLY: a fixed random network with the feature_fn contract; its numbers are NOT FID.
-
-    pool = relu(random projection of the 16x16 downsampled image) (B, pool_dim), logits = pool @ random (B, 1008),
-    spatial = random 1x1 projection of the image resized to spatial_grid^2 to 7 channels (B, 7 * spatial_grid^2).
-    The feature sizes are smaller than Inception's (2048 / 2023; pass pool_dim=2048, spatial_grid=17 for those)
-    because the float64 eigendecompositions of 2048-d covariances cost tens of seconds on a 2-core CPU.
-    Deterministic in `seed`, cheap, and sensitive to the image distribution, so metrics move the right way.
-    """
-    k_pool, k_logits, k_spatial = jax.random.split(jax.random.key(seed), 3)
-    weights = {
-        "pool": jax.random.normal(k_pool, (16 * 16 * 3, pool_dim)) / np.sqrt(16 * 16 * 3),
-        "logits": jax.random.normal(k_logits, (pool_dim, inception.NUM_CLASSES)) * (4.0 / np.sqrt(pool_dim)),
-        "spatial": jax.random.normal(k_spatial, (3, inception.SPATIAL_CHANNELS)),
-    }
-
-    @jax.jit
-    def features(w, images):
-        x = images.astype(jnp.float32) / 127.5 - 1.0
-        b = x.shape[0]
-        small = jax.image.resize(x, (b, 16, 16, 3), "bilinear")
-        pool = jax.nn.relu(small.reshape(b, -1) @ w["pool"])
-        grid = jax.image.resize(x, (b, spatial_grid, spatial_grid, 3), "bilinear")
-        return {"pool": pool, "logits": pool @ w["logits"], "spatial": (grid @ w["spatial"]).reshape(b, -1)}
-
-    return functools.partial(features, weights)

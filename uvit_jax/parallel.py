@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
@@ -94,3 +95,33 @@ def local_batch_size(global_batch_size: int) -> int:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `abstract_tree` carrying `shardings` (e.g. an orbax restore target on this mesh)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def padded_size(n: int) -> int:
+    """The smallest batch >= n that splits evenly over all devices."""
+    d = jax.device_count()
+    return -(-int(n) // d) * d
+
+
+def gather_to_host(x) -> np.ndarray:
+    """A global (possibly multi-process) array as one numpy array on every host."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class DeviceCountError(RuntimeError):
+    """The run sees another number of devices than its launch asked for."""
+
+
+def check_device_count(expected: int) -> None:
+    """Stop with both numbers when the run sees another device count than the launch asked for (0: no check)."""
+    if expected and jax.device_count() != expected:
+        raise DeviceCountError(f"this run sees {jax.device_count()} devices ({jax.process_count()} processes x "
+                           f"{jax.local_device_count()} local) but the launch expected {expected} "
+                           "(config.mesh.expect_devices): check the launch's node/GPU counts")

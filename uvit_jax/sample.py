@@ -1,108 +1,269 @@
-"""Sample mode, eval mode and FID during training: the wiring between checkpoints, the sampler and the metrics.
+"""Sample mode: `n_samples` images from the EMA params of a run (or a converted official checkpoint) into files.
 
-Sample mode writes `n_samples` images as `SAMPLES/batch_XXXXXX.npz` (uint8 NHWC under `images`, class labels under
-`labels` for class models; latent configs write `latents` until the autoencoder lands) plus `SAMPLES/grid.png`.
-Batch i is drawn from keys derived from (seed, i) and each file is written atomically, so a preempted 50k job that
-is started again skips the files already there and ends with exactly n_samples, none duplicated.
+Writes `SAMPLES/batch_XXXXXX.npz` (uint8 NHWC under `images`; class labels under `labels` for class models; for
+text models the validation caption each sample was drawn for, `captions` (str, when the feature folder keeps the
+texts) and `caption_index` (image, caption k) in the val split) plus `SAMPLES/grid.png` (the first 64 samples of
+batch 0, 8 per row). Latent configs decode through the autoencoder (`latent.make_decoder`) first, so eval mode reads
+the same files for every config. Batch i draws its noise and its labels / captions from (seed, stream, i), and each
+file is written atomically, so a preempted 50k job that is started again writes only the missing files and ends
+with exactly n_samples, none duplicated.
+
+With `sample.prompts=FILE` (text models): one image per line of FILE, the prompts CLIP-encoded here with
+`clip.pretrained_path`, into `PROMPTS/prompt_XXXX.png`, `PROMPTS/prompts.json` and a captioned `PROMPTS/grid.png`
+(PROMPTS = sample.path or WORKDIR/prompts).
 """
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import math
 import os
 import time
 
+import textwrap
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from PIL import Image, ImageDraw
 
-from uvit_jax import checkpoint, data, evaluate, generate, models, parallel
-from uvit_jax.train import compute_dtype
+from uvit_jax import checkpoint, data, files, generate, images, latent, models, parallel, preemption, rng
+from uvit_jax.conditioning import Conditioning
+from uvit_jax.config import ConfigError
+from uvit_jax.train_step import make_apply
 
-SAMPLE_SALT = 0x5A3  # keeps sampling keys apart from training keys derived from the same seed
+
+class NoParamsError(FileNotFoundError):
+    """Nothing to sample from: no checkpoint in the workdir and no converted params dir."""
 
 
-def load_ema_params(config, workdir: str):
-    """EMA params from `config.sample.params_dir` (a converted official checkpoint) or WORKDIR's newest checkpoint."""
-    nnet = dict(config.nnet)
-    abstract = jax.eval_shape(functools.partial(models.init_params, nnet), jax.random.key(0))
-    mesh = parallel.make_mesh(config.mesh.fsdp)
-    shardings = parallel.tree_param_shardings(abstract, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+def abstract_params_on_mesh(config, mesh):
+    """The network's params as ShapeDtypeStructs with this mesh's (FSDP) shardings: a restore target."""
+    abstract = models.abstract_params(dict(config.nnet))
+    return parallel.with_shardings(abstract, parallel.tree_param_shardings(abstract, mesh))
+
+
+def load_ema_params(config, workdir: str, mesh) -> tuple[dict, str]:
+    """EMA params from `config.sample.params_dir` (a converted official checkpoint) or WORKDIR's newest checkpoint.
+
+    Returns (params, where they came from). Reads only: nothing is created in a wrong workdir.
+    """
+    target = abstract_params_on_mesh(config, mesh)
+    if config.sample.random_params:
+        init = jax.jit(lambda k: models.init_params(dict(config.nnet), k),
+                       out_shardings=jax.tree.map(lambda a: a.sharding, target))
+        return init(rng.stream_key(config.seed, rng.INIT)), "freshly initialised params (sample.random_params)"
     if config.sample.params_dir:
-        params, saved_nnet = checkpoint.load_params_dir(config.sample.params_dir, abstract)
+        from uvit_jax import convert
+        nnet, params = convert.load_converted(config.sample.params_dir,
+                                              shardings=jax.tree.map(lambda a: a.sharding, target))
         # use_checkpoint (remat) changes no parameter, so it may differ
-        mismatched = {k: (v, nnet.get(k)) for k, v in saved_nnet.items()
-                      if k != "use_checkpoint" and nnet.get(k) != v}
+        mismatched = {k: (v, config.nnet.get(k)) for k, v in nnet.items()
+                      if k != "use_checkpoint" and config.nnet.get(k) != v}
         if mismatched:
-            raise ValueError(f"{config.sample.params_dir}/nnet.json does not match config.nnet: {mismatched}")
-        return params, mesh
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1)
+            raise ValueError(f"{config.sample.params_dir}/nnet.json does not match config.nnet (saved, config): "
+                             f"{mismatched}")
+        return params, f"converted params {config.sample.params_dir}"
+    directory = os.path.join(workdir, "checkpoints")
+    step, why = _chosen_step(config.sample.step, workdir)
     try:
-        params = ckpt.restore_params(abstract, item="ema_params")
-    finally:
-        ckpt.close()
-    if params is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or set "
-                                f"--config.sample.params_dir to a converted official checkpoint")
-    return params, mesh
+        params, step = checkpoint.restore_ema_params(directory, target, step=step)
+    except checkpoint.NoCheckpointError as e:
+        raise NoParamsError(f"nothing to sample from: no checkpoint in {directory}. Train first (same --config and "
+                            "--workdir without --mode), or set --config.sample.params_dir to a converted official "
+                            "checkpoint (python main.py --mode convert ...).") from e
+    return params, f"EMA params of step {step} ({why}) in {directory}"
 
 
-def _labels(key, n: int, num_classes: int):
-    """Class labels uniform over the real classes (the official eval scripts draw them uniformly too)."""
-    return jax.random.randint(key, (n,), 0, num_classes, dtype=np.int32)
+def read_best(workdir: str) -> dict | None:
+    """WORKDIR/eval/best.json ({"step", "fid"}: the lowest FID during training) or None."""
+    path = os.path.join(workdir, "eval", "best.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _chosen_step(choice: str, workdir: str) -> tuple[int | None, str]:
+    """config.sample.step -> (step or None for the newest, the reason to log)."""
+    if choice.isdigit():
+        return int(choice), "chosen with sample.step"
+    if choice == "best":
+        best = read_best(workdir)
+        if best is not None:
+            return int(best["step"]), f"best FID during training, {best['fid']:.3f}; sample.step=latest for the newest"
+        return None, "the newest: no FID was computed during training"
+    return None, "the newest, as sample.step=latest asks"
+
+
+def sample_files(out_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(out_dir, "batch_*.npz")))
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    """The shape the network generates (latents for latent configs): no dataset needed to sample."""
+    return (int(config.nnet.img_size), int(config.nnet.img_size), int(config.nnet.in_chans))
 
 
 def sample_to_dir(config, workdir: str) -> str:
-    """Generate config.sample.n_samples images into the samples dir, resuming a partial run; returns the dir."""
+    """Generate config.sample.n_samples images into the samples dir, resuming a partial run; returns the dir.
+    With sample.prompts set, one image per prompt instead (`sample_prompts`)."""
+    if config.sample.prompts:
+        return sample_prompts(config, workdir)
     out_dir = config.sample.path or os.path.join(workdir, "samples")
-    nnet = dict(config.nnet)
-    if nnet["name"] == "uvit_t2i":
-        raise NotImplementedError("text-to-image sample mode needs MS-COCO validation contexts; not in this "
-                                  "release (training and the sampler itself support text models)")
-    info = data.dataset_info(config.dataset)
-    latent = config.dataset.name.endswith("_latents")
-    params, mesh = load_ema_params(config, workdir)
+    cond = Conditioning.from_config(config)
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    params, source = load_ema_params(config, workdir, mesh)
+    decode = None
+    if latent.is_latent(config):
+        if config.sample.random_params and not os.path.exists(config.autoencoder.pretrained_path or ""):
+            logging.warning("sample.random_params without autoencoder weights: writing undecoded latents (timing)")
+        else:
+            decode = latent.make_decoder(config, mesh)
+    texts = latent.TextConditions(config, "val") if cond.kind == "text" else None
+    label_probs = label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class" else None
+    null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
     batch_sharding = parallel.batch_sharding(mesh)
-    k = generate.num_real_classes(nnet, bool(config.sample.cfg) or config.dataset.p_uncond > 0)
-    batch = generate.padded_size(config.sample.mini_batch_size)
+    batch = parallel.padded_size(config.sample.mini_batch_size)
     n_total = int(config.sample.n_samples)
     n_batches = math.ceil(n_total / batch)
-    apply = models.make_apply(nnet, dtype=compute_dtype(config))
-    gen = jax.jit(functools.partial(generate.make_generate_from_config(config, apply, image_shape=info["image_shape"]),
-                                    batch_size=batch), out_shardings=batch_sharding)
-    base = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_SALT)
+    fn = generate.make_generate_from_config(config, make_apply(config), image_shape=image_shape(config),
+                                            null_context=null_context)
+    gen = jax.jit(lambda p, k, c: fn(p, k, c, batch_size=batch), out_shardings=batch_sharding)
     if parallel.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
     done = _done_batches(out_dir, n_batches)
     todo = [i for i in range(n_batches) if not done[i]]
-    logging.info("Sampling %d images in %d batches of %d into %s (%d batches already there)", n_total, n_batches,
-                 batch, out_dir, n_batches - len(todo))
-    t0, made = time.time(), 0
-    with checkpoint.sigterm_guard():
+    logging.info("Sampling %d images (%s, %d steps) from %s into %s: %d batches of %d, %d already there",
+                 n_total, config.sample.algorithm, config.sample.sample_steps, source, out_dir, n_batches, batch,
+                 n_batches - len(todo))
+    if texts is not None and not hasattr(texts.source, "captions"):
+        logging.info("%s keeps no caption texts (official feature folder): recording caption_index only",
+                     config.dataset.path)
+    t0, made, written = time.time(), 0, 0
+    with preemption.sigterm_guard():
         for i in todo:
-            if checkpoint.should_stop(i):
-                logging.info("Preemption requested: stopping after %d batches; run again to resume", made)
+            if preemption.should_stop(i):
+                logging.info("Preemption requested: stopped after %d batches; run again to resume", made)
                 break
-            label_key, gen_key = jax.random.split(jax.random.fold_in(base, i))
-            labels = jax.device_put(_labels(label_key, batch, k), batch_sharding) if k else None
-            x = generate.gather_to_host(gen(params, gen_key, labels))
+            c, records = None, {}
+            if cond.kind == "class":
+                c = jax.device_put(sample_labels(rng.stream_key(config.seed, rng.LABELS, i), batch, label_probs),
+                                   batch_sharding)
+                records["labels"] = parallel.gather_to_host(c)
+            elif texts is not None:
+                records = texts.batch(i, batch)
+                c = latent.host_to_global(records.pop("context"), mesh)
+            x = gen(params, rng.stream_key(config.seed, rng.SAMPLE, i), c)
+            x = parallel.gather_to_host(decode(x) if decode else x)
             count = min(batch, n_total - i * batch)
             if parallel.is_main_process():
-                arrays = {"latents": x[:count]} if latent else {"images": generate.to_uint8(x[:count])}
-                if k:
-                    arrays["labels"] = generate.gather_to_host(labels)[:count]
-                _write_atomic(os.path.join(out_dir, f"batch_{i:06d}.npz"), arrays)
-                if i == 0 and not latent:
-                    generate.save_grid(arrays["images"][:64], os.path.join(out_dir, "grid.png"), 8)
-            made += 1
-            logging.info("batch %d/%d: %.2f samples/s", i + 1, n_batches, made * batch / (time.time() - t0))
-    if made:
-        logging.info("Sampling throughput: %.2f samples/s (%d samples)", made * batch / (time.time() - t0),
-                     made * batch)
+                arrays = {"images": images.to_uint8(x[:count]), **{k: v[:count] for k, v in records.items()}}
+                files.write_npz(os.path.join(out_dir, f"batch_{i:06d}.npz"), arrays)
+                if i == 0:
+                    images.save_grid(arrays["images"][:64], os.path.join(out_dir, "grid.png"), 8)
+            made, written = made + 1, written + count
+            elapsed = time.time() - t0
+            logging.info("batch %d/%d  %.1f samples/s  ETA %s", i + 1, n_batches, made * batch / elapsed,
+                         f"{(len(todo) - made) * elapsed / made:.0f}s")
+    total = sum(min(batch, n_total - i * batch) for i in range(n_batches) if done[i]) + written
+    logging.info("Wrote %d samples this run (%d in all of %d) to %s/batch_*.npz; the first 64 are shown in "
+                 "%s/grid.png", written, total, n_total, out_dir, out_dir)
     return out_dir
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.sample.prompts={path} not found (a text file, one prompt a line)")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ConfigError(f"config.sample.prompts: {path} holds no prompt (one a line)")
+    return prompts
+
+
+def sample_prompts(config, workdir: str) -> str:
+    """One image per prompt of `sample.prompts`, guided against the same CLIP's encoding of "" (what the
+    training null context empty_context.npy is); returns the output dir."""
+    prompts = read_prompts(config.sample.prompts)
+    out_dir = config.sample.path or os.path.join(workdir, "prompts")
+    cond = Conditioning.from_config(config)
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    params, source = load_ema_params(config, workdir, mesh)
+    encoded = latent.make_text_encoder(config, mesh)(prompts + [""])
+    if encoded.shape[1:] != cond.context_shape:
+        raise ConfigError(f"config.clip.pretrained_path: {config.clip.pretrained_path} gives contexts "
+                          f"{encoded.shape[1:]}, the network takes {cond.context_shape}")
+    contexts, null_context = encoded[:-1], encoded[-1]
+    decode = latent.make_decoder(config, mesh)
+    batch = parallel.padded_size(config.sample.mini_batch_size)
+    fn = generate.make_generate_from_config(config, make_apply(config), image_shape=image_shape(config),
+                                            null_context=null_context)
+    gen = jax.jit(lambda p, k, c: fn(p, k, c, batch_size=batch), out_shardings=parallel.batch_sharding(mesh))
+    logging.info("Sampling %d prompts from %s (%s, %d steps, scale %s)", len(prompts), source,
+                 config.sample.algorithm, config.sample.sample_steps, config.sample.scale if config.sample.cfg else 0)
+    out = []
+    for i in range(math.ceil(len(prompts) / batch)):
+        chunk = contexts[i * batch:(i + 1) * batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+        # fold 1 after i: keys of their own, never those of the validation-caption batches
+        x = gen(params, rng.stream_key(config.seed, rng.SAMPLE, i, 1), latent.host_to_global(padded, mesh))
+        out.append(images.to_uint8(parallel.gather_to_host(decode(x))[:len(chunk)]))
+    pictures = np.concatenate(out)
+    if parallel.is_main_process():
+        os.makedirs(out_dir, exist_ok=True)
+        index = []
+        for j, (prompt, picture) in enumerate(zip(prompts, pictures)):
+            name = f"prompt_{j:04d}.png"
+            files.write_atomic(os.path.join(out_dir, name), lambda tmp, p=picture: Image.fromarray(p).save(tmp))
+            index.append({"prompt": prompt, "file": name})
+        files.write_json(os.path.join(out_dir, "prompts.json"), index)
+        captioned_grid(pictures, prompts, os.path.join(out_dir, "grid.png"))
+    logging.info("Wrote %d images (one per prompt of %s) to %s/prompt_*.png; captioned grid %s/grid.png",
+                 len(prompts), config.sample.prompts, out_dir, out_dir)
+    return out_dir
+
+
+def captioned_grid(pictures: np.ndarray, captions: list[str], path: str, ncols: int = 4, lines: int = 4) -> None:
+    """uint8 NHWC RGB images in a grid, each with its caption (wrapped, at most `lines` lines) below it."""
+    n, h, w, _ = pictures.shape
+    ncols = min(ncols, n)
+    cell_w, line_h = max(w, 160), 12
+    cell_h = h + lines * line_h + 6
+    grid = Image.new("RGB", (ncols * cell_w, math.ceil(n / ncols) * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, (picture, caption) in enumerate(zip(pictures, captions)):
+        r, c = divmod(j, ncols)
+        x0, y0 = c * cell_w, r * cell_h
+        grid.paste(Image.fromarray(picture), (x0 + (cell_w - w) // 2, y0))
+        wrapped = textwrap.wrap(caption, width=max(8, cell_w // 6))
+        for k, line in enumerate(wrapped[:lines]):
+            more = k == lines - 1 and len(wrapped) > lines
+            draw.text((x0 + 2, y0 + h + 2 + k * line_h), line + (" ..." if more else ""), fill="black")
+    files.write_atomic(path, grid.save)
+
+
+def sample_labels(key, n: int, probs: np.ndarray):
+    """n class labels drawn with probabilities `probs` (one per real class)."""
+    return jax.random.choice(key, len(probs), (n,), p=jnp.asarray(probs)).astype(jnp.int32)
+
+
+def label_probabilities(config, workdir: str, num_classes: int) -> np.ndarray:
+    """How sample labels are drawn (`sample.label_distribution`): "uniform" over the real classes (the official
+    latent ImageNet evaluation), or "dataset": the training set's class frequencies, as the official ImageNet-64
+    evaluation draws them; read once from the labels (images are not decoded) and cached in WORKDIR/eval/."""
+    if config.sample.label_distribution == "uniform":
+        return np.full(num_classes, 1.0 / num_classes)
+    cache = os.path.join(workdir, "eval", f"class_frequencies_{config.dataset.name}.npy")
+    if os.path.exists(cache):
+        return np.load(cache)
+    logging.info("Reading the class frequencies of %s (once; cached in %s)", config.dataset.name, cache)
+    probs = data.open_source(config.dataset).class_frequencies()
+    if parallel.is_main_process():
+        files.write_atomic(cache, lambda tmp: np.save(tmp, probs))
+    return probs
 
 
 def _done_batches(out_dir: str, n_batches: int) -> np.ndarray:
@@ -112,98 +273,3 @@ def _done_batches(out_dir: str, n_batches: int) -> np.ndarray:
         from jax.experimental import multihost_utils
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
     return done
-
-
-def _write_atomic(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # a preempted write leaves only a .tmp file, never a partial batch file
-
-
-def sample_files(out_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out_dir, "batch_*.npz")))
-
-
-def make_feature_fn(config):
-    """The Inception feature function from config.eval.inception_path ('standin' = a random stand-in for tests)."""
-    path = config.eval.inception_path
-    if not path:
-        raise ValueError("config.eval.inception_path is not set: point it at pytorch-fid's "
-                         "pt_inception-2015-12-05-6726825d.pth (no download happens here)")
-    if path == "standin":
-        logging.warning("Using a random stand-in for Inception: the numbers are NOT FID; for tests only.")
-        return evaluate.make_standin_feature_fn(0)
-    return evaluate.make_inception_feature_fn(path)
-
-
-def reference_stats(config, workdir: str, feature_fn) -> dict:
-    """config.eval.ref_stats if set, else statistics of the training dataset computed once and cached."""
-    if config.eval.ref_stats:
-        if not os.path.exists(config.eval.ref_stats):
-            raise FileNotFoundError(
-                f"config.eval.ref_stats={config.eval.ref_stats} not found: get the official fid_stats file, or set "
-                f"--config.eval.ref_stats= (empty) to compute statistics from the dataset '{config.dataset.name}'")
-        return evaluate.load_reference_stats(config.eval.ref_stats, feature_fn)
-    cache = os.path.join(workdir, "eval", f"ref_stats_{config.dataset.name}_{config.dataset.image_size}.npz")
-    if os.path.exists(cache):
-        return evaluate.load_reference_stats(cache)
-    logging.info("Computing reference statistics of %s (cached in %s)", config.dataset.name, cache)
-    stats = evaluate.compute_feature_stats(
-        data.make_eval_batches(config.dataset, global_batch_size=config.eval.batch_size), feature_fn,
-        gather_processes=jax.process_count() > 1)
-    if parallel.is_main_process():
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        evaluate.save_reference_stats(stats, cache)
-    return stats
-
-
-def evaluate_workdir(config, workdir: str) -> dict:
-    """Eval mode: metrics of WORKDIR's samples against the reference; printed, logged, written to WORKDIR/eval/."""
-    files = sample_files(config.sample.path or os.path.join(workdir, "samples"))
-    if not files:
-        raise FileNotFoundError(f"no samples in {workdir}/samples: run --mode sample first")
-    feature_fn = make_feature_fn(config)
-    ref = reference_stats(config, workdir, feature_fn)
-    metrics = evaluate.evaluate_samples(files, ref, feature_fn, batch_size=config.eval.batch_size,
-                                        pr_k=config.eval.pr_k)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    metrics["n_samples"] = int(sum(np.load(f)["images"].shape[0] for f in files))
-    if parallel.is_main_process():
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        path = os.path.join(workdir, "eval", f"metrics_{time.strftime('%Y%m%d-%H%M%S')}.json")
-        with open(path, "w") as f:
-            json.dump(metrics, f, indent=2)
-        print(json.dumps(metrics, indent=2))
-        logging.info("Wrote %s", path)
-    return metrics
-
-
-def make_training_fid_callback(config, workdir: str):
-    """FID-n during training (official: FID-10k every save): samples stream straight into the statistics."""
-    feature_fn = make_feature_fn(config)
-    ref = reference_stats(config, workdir, feature_fn)
-    nnet = dict(config.nnet)
-    info = data.dataset_info(config.dataset)
-    apply = models.make_apply(nnet, dtype=compute_dtype(config))
-    batch = generate.padded_size(config.sample.mini_batch_size)
-    gen = jax.jit(functools.partial(generate.make_generate_from_config(config, apply, image_shape=info["image_shape"]),
-                                    batch_size=batch))
-    k = generate.num_real_classes(nnet, bool(config.sample.cfg) or config.dataset.p_uncond > 0)
-    n = int(config.train.fid_n_samples)
-
-    def callback(step: int, state) -> dict:
-        base = jax.random.fold_in(jax.random.key(config.seed), step)
-
-        def images():
-            for i in range(math.ceil(n / batch)):
-                label_key, gen_key = jax.random.split(jax.random.fold_in(base, i))
-                labels = _labels(label_key, batch, k) if k else None
-                x = generate.gather_to_host(gen(state["ema_params"], gen_key, labels))
-                yield generate.to_uint8(x[: min(batch, n - i * batch)])
-
-        stats = evaluate.compute_feature_stats(images(), feature_fn)
-        fid = evaluate.frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])
-        logging.info("step %d: FID-%d %.3f", step, n, fid)
-        return {f"fid_{n}": float(fid)}
-
-    return callback

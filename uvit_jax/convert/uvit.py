@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from uvit_jax import checkpoint
 from uvit_jax.convert.pth import load_state_dict
 from uvit_jax.models import abstract_params, build_model, nnet_kwargs
 
@@ -176,12 +182,10 @@ def save_converted(directory: str, params: Mapping, nnet: Mapping) -> None:
 
 
 def load_converted(directory: str, *, param_dtype=jnp.float32, shardings=None) -> tuple[dict, dict]:
-    """Read a directory written by `save_converted` -> (nnet, params) (via `checkpoint.load_params_dir`).
+    """Read a directory written by `save_converted` -> (nnet, params) (via `read_params_dir`).
 
     `shardings`: optional tree of jax Shardings matching the params (e.g. FSDP over a mesh); default: one device.
     """
-    from uvit_jax import checkpoint
-
     path = os.path.join(os.path.abspath(directory), "nnet.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} is not a converted checkpoint: {path} is missing")
@@ -192,5 +196,51 @@ def load_converted(directory: str, *, param_dtype=jnp.float32, shardings=None) -
     if shardings is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-    params, _ = checkpoint.load_params_dir(directory, target)
+    params, _ = read_params_dir(directory, target)
     return nnet, params
+
+
+def read_params_dir(path: str | os.PathLike, abstract_params: Any = None) -> tuple[Any, dict]:
+    """Read a converted-official params dir: `path/params` (orbax StandardCheckpointer) + `path/nnet.json`.
+
+    Returns (params, nnet kwargs). With `abstract_params` (ShapeDtypeStructs with shardings) the params come back as
+    sharded jax.Arrays; without, as host numpy arrays in the saved tree structure. Raises FileNotFoundError for a
+    missing part, CheckpointMismatchError when names or shapes differ from `abstract_params`, ValueError when
+    unreadable.
+    """
+    path = epath.Path(path)
+    params_dir, nnet_file = path / "params", path / "nnet.json"
+    for p in (params_dir, nnet_file):
+        if not p.exists():
+            raise FileNotFoundError(f"{path} is not a converted params dir: {p} is missing (write one with "
+                                    "`python main.py --mode convert`)")
+    try:
+        nnet = json.loads(nnet_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{nnet_file} is not valid JSON: {e}") from e
+    if not isinstance(nnet, dict):
+        raise ValueError(f"{nnet_file} must hold a JSON object of model kwargs, got {type(nnet).__name__}")
+    if abstract_params is not None:
+        checkpoint.check_abstract(abstract_params, "abstract_params")
+    start = time.perf_counter()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        try:
+            saved = checkpointer.metadata(params_dir).item_metadata.tree
+        except Exception as e:  # noqa: BLE001 - name the directory whatever orbax complained about.
+            raise ValueError(f"cannot read the params checkpoint {params_dir}: {checkpoint.short_error(e)}") from e
+        if abstract_params is None:
+            args = ocp.args.PyTreeRestore(
+                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved))
+        else:
+            checkpoint.check_compatible(saved, abstract_params, f"params checkpoint {params_dir}")
+            args = ocp.args.PyTreeRestore(
+                item=abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params))
+        try:
+            params = checkpointer.restore(params_dir, args=args)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read the params checkpoint {params_dir}: {checkpoint.short_error(e)}") from e
+    finally:
+        checkpointer.close()
+    logging.info("checkpoint: loaded params from %s in %.3f s", params_dir, time.perf_counter() - start)
+    return params, nnet

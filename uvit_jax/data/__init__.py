@@ -3,12 +3,13 @@
 Dataset config (an ml_collections ConfigDict or a dict), the keys read:
   name         "uvit_digits" | "cifar10" | "celeb_a" | "imagenet2012" | "imagenet_latents" | "mscoco_latents"
   data_dir     TFDS data dir for pixel datasets (None: TFDS default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  image_size   pixel datasets: output side (defaults: digits 32 = 28 padded with black, so patch 2 and 4 both
-               divide it, 28 keeps the raw digits; cifar10 32; celeb_a 64; imagenet2012 64)
-  random_flip  horizontal flips at train time (defaults: digits off, cifar10/celeb_a/imagenet2012 on)
-  path         latent datasets: the feature dir (ImageNet: the dir of {idx}.npy; COCO: the root with train/, val/,
-               empty_context.npy); falls back to data_dir
-  num_examples latent datasets, optional: skip counting the files
+  image_size   pixel datasets: output side; None = the dataset's default (uvit_jax/dataset_specs.py: digits 32 = 28
+               padded with black, so patch 2 and 4 both divide it, 28 keeps the raw digits; cifar10 32; celeb_a 64;
+               imagenet2012 64)
+  random_flip  horizontal flips at train time; None = the dataset's default (digits off, the others on)
+  path         latent datasets: the feature dir: ours (written by --mode extract, with a manifest.json) or the
+               official one (ImageNet: the dir of {idx}.npy; COCO: the root with train/, val/, empty_context.npy);
+               falls back to data_dir
 
 Batches (numpy, this process's rows of the global batch):
   pixel datasets   {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)}  (label when num_classes > 0)
@@ -19,14 +20,15 @@ Batches (numpy, this process's rows of the global batch):
 `dataset_info(cfg)` -> {"image_shape": (H, W, C) the model sees (latents: (h, w, 4)), "num_classes": int (0: none),
 "num_examples": int, and for latents "moments_shape" (h, w, 8), for COCO "context_shape" (77, 768)}.
 """
-from uvit_jax.data.datasets import PIXEL_DATASETS, DatasetNotPreparedError, PixelSource
+from uvit_jax.data.datasets import KNOWN_DATASETS, PIXEL_DATASETS, DatasetNotPreparedError, PixelSource, class_count
 from uvit_jax.data.digits import UvitDigits, load_mnist_5k, prepare_digits
 from uvit_jax.data.latents import CocoLatents, ImageNetLatents, load_empty_context, load_vis_prompts
 from uvit_jax.data.pipeline import (LATENT_DATASETS, BatchIterator, EpochShuffle, dataset_info, make_eval_batches,
                                     make_train_batches, open_source)
 
 __all__ = [
-    "PIXEL_DATASETS", "LATENT_DATASETS", "DatasetNotPreparedError", "PixelSource", "UvitDigits", "load_mnist_5k",
+    "KNOWN_DATASETS", "PIXEL_DATASETS", "LATENT_DATASETS", "class_count", "DatasetNotPreparedError", "PixelSource",
+    "UvitDigits", "load_mnist_5k",
     "prepare_digits", "CocoLatents", "ImageNetLatents", "load_empty_context", "load_vis_prompts", "BatchIterator",
     "EpochShuffle", "dataset_info", "make_eval_batches", "make_train_batches", "open_source",
 ]

@@ -166,3 +166,13 @@ def _interp_linear_extrapolate(x, knots_x: np.ndarray, knots_y: np.ndarray):
     x0, x1, y0, y1 = kx[idx], kx[idx + 1], ky[idx], ky[idx + 1]
     return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
+
+
+SCHEDULES = {"vp": VPSchedule, "discrete": DiscreteSchedule}
+
+
+def make_schedule(name: str):
+    """The noise schedule a config names: "vp" (continuous VP SDE) or "discrete" (Stable-Diffusion betas)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}: expected one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]()

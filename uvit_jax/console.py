@@ -1,0 +1,59 @@
+"""The console is for people: our own INFO lines, libraries' warnings, and nothing else unless asked.
+
+`setup(verbosity, main_process)`: short "HH:MM:SS message" lines; INFO records from outside uvit_jax / main.py
+(orbax's per-save lines, TFDS's "Downloading and preparing", JAX's backend probes) are dropped unless
+`--verbosity >= 1`; known-harmless library warnings are dropped too. Processes other than 0 print warnings only.
+`user_error(e)` turns the mistakes a person can fix into one line, without a traceback.
+"""
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+import warnings
+
+from absl import logging
+
+_OURS = (os.sep + "uvit_jax" + os.sep, os.sep + "main.py")
+# Library warnings that say nothing actionable to a user of this project.
+_HARMLESS = ("OpenCV is not installed", "Unable to initialize backend", "Platform 'tpu'", "Platform 'cuda'",
+             "tensorflow_datasets/core/", "pkg_resources is deprecated", "Event loop is closed",
+             "Falling back to cpu", "An NVIDIA GPU may be present")
+
+
+class _PeopleFilter(std_logging.Filter):
+    def __init__(self, verbosity: int):
+        super().__init__()
+        self.verbosity = verbosity
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if self.verbosity >= 1:
+            return True
+        ours = any(p in record.pathname for p in _OURS)
+        if record.levelno < std_logging.WARNING:
+            return ours
+        return ours or not any(h in record.getMessage() for h in _HARMLESS)
+
+
+def setup(verbosity: int = 0, main_process: bool = True) -> None:
+    """Configure absl and Python logging for the console (see the module docstring)."""
+    logging.use_absl_handler()
+    handler = logging.get_absl_handler()
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    for f in list(handler.filters):
+        if isinstance(f, _PeopleFilter):
+            handler.removeFilter(f)
+    handler.addFilter(_PeopleFilter(verbosity))
+    for name in ("jax", "orbax", "tensorflow", "absl", "etils"):
+        std_logging.getLogger(name).addFilter(_PeopleFilter(verbosity))
+    logging.set_verbosity(logging.INFO if main_process else logging.WARNING)
+    if verbosity < 1:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*OpenCV.*")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def user_error(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    """Print `error: message` (one line) to stderr and exit."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
