@@ -13,6 +13,8 @@ def get_config():
     c.optimizer.lr = 2e-4
     c.optimizer.betas = (0.99, 0.999)
     c.lr_scheduler.warmup_steps = 2500
+    # FID-10k of the EMA params at every save, as the official training scripts (needs eval.inception_path).
+    c.train.fid_interval = c.train.save_interval
     c.nnet = dict(PRESETS["cifar10_uvit_small"])
     c.dataset.name = "cifar10"
     c.dataset.image_size = 32

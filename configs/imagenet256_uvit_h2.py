@@ -15,6 +15,8 @@ def get_config():
     c.optimizer.lr = 2e-4
     c.optimizer.betas = (0.99, 0.99)
     c.lr_scheduler.warmup_steps = 5000
+    # FID-10k of the EMA params at every save, as the official training scripts (needs eval.inception_path).
+    c.train.fid_interval = c.train.save_interval
     c.nnet = dict(PRESETS["imagenet256_uvit_huge"])
     c.dataset.name = "imagenet_latents"
     c.dataset.path = "assets/datasets/imagenet256_features"

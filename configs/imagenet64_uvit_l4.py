@@ -13,6 +13,8 @@ def get_config():
     c.optimizer.lr = 3e-4
     c.optimizer.betas = (0.99, 0.99)
     c.lr_scheduler.warmup_steps = 5000
+    # FID-10k of the EMA params at every save, as the official training scripts (needs eval.inception_path).
+    c.train.fid_interval = c.train.save_interval
     c.nnet = dict(PRESETS["imagenet64_uvit_large"])
     c.dataset.name = "imagenet2012"
     c.dataset.image_size = 64

@@ -14,6 +14,8 @@ def get_config():
     c.optimizer.lr = 2e-4
     c.optimizer.betas = (0.9, 0.9)
     c.lr_scheduler.warmup_steps = 5000
+    # FID-10k of the EMA params at every save, as the official training scripts (needs eval.inception_path).
+    c.train.fid_interval = c.train.save_interval
     c.nnet = dict(PRESETS["mscoco_uvit_small"])
     c.dataset.name = "mscoco_latents"
     c.dataset.path = "assets/datasets/coco256_features"

@@ -148,4 +148,4 @@ def test_in_training_and_final_samplers_follow_the_official_scripts(name):
         assert c.sample.method == method
     if labels:
         assert c.sample.label_distribution == labels
-    assert c.train.fid_n_samples == 10_000 and c.train.save_interval == 50_000
+    assert c.train.fid_n_samples == 10_000 and c.train.save_interval == c.train.fid_interval == 50_000

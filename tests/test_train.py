@@ -249,3 +249,13 @@ def test_fid_during_training_keeps_the_best_checkpoint_and_sample_mode_uses_it(d
     assert "step 4 (best FID" in where
     config.sample.step = "latest"
     assert "step 6" in sample.load_ema_params(config, workdir, parallel.make_mesh())[1]
+
+
+def test_bfloat16_train_step_runs(digits_dir):
+    """The accelerator default: the network computes in bfloat16 while params, optimizer state and EMA stay float32."""
+    config = tiny_config(digits_dir)
+    config.dtype = "bfloat16"
+    trainer = train_step.Trainer(config, null_cond=10)
+    state, metrics = run_steps(trainer, trainer.init(), host_batches(config, 2))
+    assert np.isfinite(float(metrics["loss"])) and bool(metrics["all_finite"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))

@@ -35,7 +35,7 @@ from absl import logging
 
 from uvit_jax import models, parallel
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.train_step import Trainer, compute_dtype, flops_per_image, peak_flops_per_device
+from uvit_jax.train_step import Trainer, flops_per_image, make_apply, peak_flops_per_device
 
 CPU_ESTIMATE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                         "xla_cpu_experimental_ynn_fusion_type": ""}
@@ -87,7 +87,7 @@ def _memory(compiled) -> dict:
 def forward_flops(config, batch: int) -> tuple[float, float]:
     """(XLA cost-analysis FLOPs, analytic FLOPs) of one network forward per image, compiled from shapes only."""
     nnet = dict(config.nnet)
-    apply = models.make_apply(nnet, dtype=compute_dtype(config), attention_impl=config.attention)
+    apply = make_apply(config)  # the sampling network (dtype, attention, precision of the config)
     params = models.abstract_params(nnet)
     size, chans = nnet["img_size"], nnet["in_chans"]
     x = jax.ShapeDtypeStruct((batch, size, size, chans), jnp.float32)
@@ -119,9 +119,10 @@ def run(config, workdir: str, steps: int = 10, compile_only: bool = False) -> di
     nnet = dict(config.nnet)
     result = {
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "dtype": config.dtype,
+        "sample_dtype": config.sample.dtype,
         "attention": config.attention, "remat_policy": config.get("remat_policy", None),
         "use_checkpoint": bool(nnet.get("use_checkpoint", False)), "global_batch": global_batch,
-        "per_device_batch": per_device, "params": models.count_params(nnet), "compile_s": compile_s,
+        "per_device_batch": per_device, "params": int(models.count_params(nnet)), "compile_s": compile_s,
         "compile_only": compile_only, "cpu_compile_options": options,
         **_memory(compiled),
         "xla_forward_flops": xla_fwd, "analytic_forward_flops": analytic_fwd,
@@ -156,7 +157,7 @@ def _timings(config, trainer: Trainer, compiled, steps: int) -> dict:
     # A sampler step costs one network forward (two with guidance); timed at the train batch, so that the
     # benchmark of a CPU config stays short.
     nnet = dict(config.nnet)
-    apply = jax.jit(models.make_apply(nnet, dtype=compute_dtype(config), attention_impl=config.attention))
+    apply = jax.jit(make_apply(config))
     x = batch["moments"][..., :nnet["in_chans"]] if "moments" in batch else batch["image"]
     t = jnp.full((x.shape[0],), 500.0)
     key = Conditioning.from_config(config).batch_key

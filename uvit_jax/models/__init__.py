@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from clu import parameter_overview
 from flax import nnx
 
 from uvit_jax.models.flops import forward_macs
@@ -79,8 +80,7 @@ def abstract_params(nnet: Mapping, *, param_dtype=jnp.float32) -> dict:
 
 def count_params(nnet: Mapping) -> int:
     """Number of parameters, computed from shapes only (no allocation)."""
-    state = nnx.state(_abstract_model(nnet), nnx.Param)
-    return sum(x.size for x in jax.tree.leaves(state))
+    return parameter_overview.count_parameters(abstract_params(nnet))
 
 
 def _leaf_paths(tree) -> set[str]:

@@ -21,12 +21,10 @@ LN_EPS = 1e-5  # torch.nn.LayerNorm default (flax's is 1e-6)
 
 
 def trunc_normal_init(std: float = 0.02, bound: float = 2.0):
-    """Normal(0, std²) truncated at ±`bound` ABSOLUTE (timm's trunc_normal_), i.e. effectively untruncated."""
+    """Normal(0, std²) truncated at ±`bound` ABSOLUTE (timm's trunc_normal_), i.e. effectively untruncated.
 
-    def init(key, shape, dtype=jnp.float32):
-        return std * jax.random.truncated_normal(key, -bound / std, bound / std, shape, dtype)
-
-    return init
+    jax's initializer takes its cut-offs in units of std (its default ±2σ would truncate for real)."""
+    return jax.nn.initializers.truncated_normal(stddev=std, lower=-bound / std, upper=bound / std)
 
 
 def torch_uniform_init(fan_in: int):
