@@ -80,7 +80,7 @@ def abstract_params(nnet: Mapping, *, param_dtype=jnp.float32) -> dict:
 
 def count_params(nnet: Mapping) -> int:
     """Number of parameters, computed from shapes only (no allocation)."""
-    return parameter_overview.count_parameters(abstract_params(nnet))
+    return int(parameter_overview.count_parameters(abstract_params(nnet)))
 
 
 def _leaf_paths(tree) -> set[str]:
