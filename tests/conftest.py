@@ -21,3 +21,14 @@ def digits_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tfds"))
     digits.prepare_digits(d)
     return d
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for one test only."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)

@@ -2,6 +2,8 @@
 import importlib.util
 import os
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,3 +22,9 @@ def tiny_config(digits_dir: str, **train_overrides):
     for k, v in train_overrides.items():
         c.train[k] = v
     return c
+
+
+def rel_err(a, b):
+    """Max absolute difference relative to the reference's max magnitude (the equivalence tests' measure)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())

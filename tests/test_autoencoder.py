@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err
 import safetensors.numpy
 from flax import nnx
 
@@ -24,22 +25,6 @@ IO = np.load(FIX / "autoencoder_ae_small_a.io.npz")
 
 def nhwc(a):
     return a.transpose(0, 2, 3, 1)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.fixture
-def x64():
-    """Enable float64 for one test only."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 @pytest.fixture(scope="module")

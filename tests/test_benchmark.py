@@ -1,7 +1,6 @@
 """Benchmark mode: the timed run on the tiny config, compile-only on large presets (no allocation), FLOP counts."""
 import importlib
 import json
-import os
 
 import jax
 import pytest

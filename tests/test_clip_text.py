@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err
 import safetensors.numpy
 from flax import nnx
 
@@ -20,22 +21,6 @@ CASE = MANIFEST["clip_small_a"]
 CONFIG = CASE["config_kwargs"]  # CLIPTextConfig kwargs, including fields that do not affect the output
 PARAMS = FIX / "clip_text_small_a.params.npz"  # text_model.* keys, as in openai/clip-vit-large-patch14
 IO = np.load(FIX / "clip_text_small_a.io.npz")
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.fixture
-def x64():
-    """Enable float64 for one test only."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 def run(model, ids):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err
 from flax import nnx
 
 from uvit_jax import parallel
@@ -20,22 +21,6 @@ MANIFEST = json.loads((FIX / "uvit_manifest.json").read_text())
 CASES = ["cls_d5_conv_perturbed", "t2i_small_perturbed"]
 TINY = dict(name="uvit", img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, num_classes=10,
             mlp_time_embed=True)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.fixture
-def x64():
-    """Enable float64 for one test only."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 def official_case(name, suffix):
