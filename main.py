@@ -16,6 +16,9 @@ import ast
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow only decodes images and writes TensorBoard here; with its oneDNN ops on it prints a notice at import
+# that TF_CPP_MIN_LOG_LEVEL does not silence.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
