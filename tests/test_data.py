@@ -143,6 +143,27 @@ def test_random_flip_about_half_and_exact_mirror(digits_dir):
 
 # ---------------------------------------------------------------- clear errors, no download
 
+
+def test_decoded_cache_gives_the_same_batches_and_decodes_each_example_once(digits_dir, monkeypatch):
+    cfg = _digits(digits_dir, random_flip=True)
+    kw = dict(global_batch_size=384, seed=2, process_index=0, process_count=1)  # 5000/384: 2 epochs in 27 steps
+    uncached = _take(data.make_train_batches(dict(cfg, cache_gb=0), **kw), 27)
+    decoded = []
+    real_decode = data.PixelSource._decode
+    def counting_decode(self, indices):  # counts the cached source's decodes (the closed iterator may still read)
+        if self._cache is not None:
+            decoded.append(len(indices))
+        return real_decode(self, indices)
+    monkeypatch.setattr(data.PixelSource, "_decode", counting_decode)
+    # One reader thread: with several, two chunks of the batch that straddles the epochs may both decode an example.
+    cached = _take(data.make_train_batches(dict(cfg, cache_gb=1), num_threads=1, **kw), 27)
+    for a, b in zip(uncached, cached):  # flips applied to copies: the cache holds unflipped pixels
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert sum(decoded) == 5000  # the second epoch came from memory
+    src = data.PixelSource("uvit_digits", digits_dir, cache_gb=0.001)  # 5000 x 32 x 32 bytes > 1 MB: no cache
+    assert src._cache is None
+
 @pytest.fixture
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):

@@ -13,7 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 from ml_collections.config_flags import config_path
 
-from uvit_jax.dataset_specs import KNOWN_DATASETS, class_count
+from uvit_jax.dataset_specs import DEFAULT_CACHE_GB, KNOWN_DATASETS, class_count
 
 SCHEDULES = ("vp", "discrete")
 SAMPLERS = ("dpm_solver", "dpm_solver_pp", "euler_maruyama_sde", "euler_maruyama_ode")
@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Pixel datasets: None takes the dataset's own default (uvit_jax/data/datasets.py PIXEL_DATASETS).
     c.dataset.image_size = config_dict.placeholder(int)
     c.dataset.random_flip = config_dict.placeholder(bool)
+    c.dataset.cache_gb = DEFAULT_CACHE_GB  # keep decoded pixel splits up to this size in memory (0: never)
     c.dataset.p_uncond = 0.0  # CFG training: condition dropped to the null label / empty context
 
     c.autoencoder = ml_collections.ConfigDict()
@@ -200,6 +201,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
     need(config.sample.step in ("best", "latest") or config.sample.step.isdigit(), "sample.step",
          "must be 'best', 'latest' or a step number")
     need(0.0 <= config.dataset.p_uncond < 1.0, "dataset.p_uncond", "must be in [0, 1)")
+    need(config.dataset.cache_gb >= 0, "dataset.cache_gb", "must be >= 0 (0: never keep decoded images)")
     need(config.mesh.fsdp >= 1, "mesh.fsdp", "must be >= 1")
     for key in ("batch_size", "shard_size", "log_interval"):
         need(config.extract[key] > 0, f"extract.{key}", "must be positive")

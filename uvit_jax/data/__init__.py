@@ -7,6 +7,8 @@ Dataset config (an ml_collections ConfigDict or a dict), the keys read:
                padded with black, so patch 2 and 4 both divide it, 28 keeps the raw digits; cifar10 32; celeb_a 64;
                imagenet2012 64)
   random_flip  horizontal flips at train time; None = the dataset's default (digits off, the others on)
+  cache_gb     pixel datasets: keep the decoded split in memory when it fits this many GB (default 4: CIFAR-10,
+               CelebA 64, the digits; 0: never); training batches only, one-pass eval batches never cache
   path         latent datasets: the feature dir: ours (written by --mode extract, with a manifest.json) or the
                official one (ImageNet: the dir of {idx}.npy; COCO: the root with train/, val/, empty_context.npy);
                falls back to data_dir

@@ -22,6 +22,7 @@ import numpy as np
 
 from uvit_jax.data import datasets, features, latents
 from uvit_jax.data.preprocess import example_bits
+from uvit_jax.dataset_specs import DEFAULT_CACHE_GB
 
 _AUGMENT_STREAM = 0  # example_bits stream of per-position randomness; shuffles use streams 1 + epoch
 LATENT_DATASETS = ("imagenet_latents", "mscoco_latents")
@@ -39,13 +40,17 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def open_source(dataset_cfg: Any, *, data_dir: str | None = None, split: str = "train") -> Source:
-    """The random-access source a dataset config names (see `uvit_jax.data` for the keys)."""
+def open_source(dataset_cfg: Any, *, data_dir: str | None = None, split: str = "train",
+                cache_gb: float | None = None) -> Source:
+    """The random-access source a dataset config names (see `uvit_jax.data` for the keys); `cache_gb` overrides
+    dataset.cache_gb (0 for one pass over the data, where keeping decoded images would only cost memory)."""
     name = _get(dataset_cfg, "name")
     data_dir = data_dir or _get(dataset_cfg, "data_dir")
     if name in datasets.PIXEL_DATASETS:
+        if cache_gb is None:
+            cache_gb = _get(dataset_cfg, "cache_gb", DEFAULT_CACHE_GB)
         return datasets.PixelSource(name, data_dir, _get(dataset_cfg, "image_size"), _get(dataset_cfg, "random_flip"),
-                                    split=split)
+                                    split=split, cache_gb=cache_gb)
     path = _get(dataset_cfg, "path", data_dir)
     if name in LATENT_DATASETS and features.is_extracted(path):  # ours (--mode extract), else the official folders
         return features.ExtractedLatents(path, name, split)
@@ -209,7 +214,7 @@ def make_eval_batches(dataset_cfg: Any, *, global_batch_size: int, split: str = 
     global batch plus "mask" bool (b,): False on the padding rows of the last batch (they repeat example 0).
     Use it for FID reference statistics. `seed` only picks COCO captions.
     """
-    source = open_source(dataset_cfg, data_dir=data_dir, split=split)
+    source = open_source(dataset_cfg, data_dir=data_dir, split=split, cache_gb=0)
     total = source.num_examples if num_examples is None else min(int(num_examples), source.num_examples)
     first, local = _process_rows(global_batch_size, process_index, process_count)
     num_batches = -(-total // global_batch_size)
