@@ -64,3 +64,26 @@ def test_input_pipeline_fake_cifar10_fast_png_path_matches_tfds_decoder(tmp_path
     for key in fast:
         np.testing.assert_array_equal(fast[key], slow[key])
     assert input_pipeline.required_images_per_s("cifar10") > input_pipeline.required_images_per_s("latents") > 0
+
+
+def _activation_all_gathers(config) -> list[str]:
+    """Shapes of the floating-point all-gathers in the compiled train step whose result spans the global batch
+    (the label indices of the class embedding, s32[B, 1], are gathered too, and are tiny)."""
+    import re
+    trainer = benchmark._trainer(config)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
+             for k, v in benchmark.synthetic_batch(config, config.train.batch_size).items()}
+    hlo = trainer.step_fn.lower(trainer.abstract_with_shardings(), batch).compile().as_text()
+    return re.findall(rf"= ((?:f32|bf16)\[{config.train.batch_size},\d+[,\d]*\])\S* all-gather\(", hlo)
+
+
+def test_fsdp_gathers_kernels_not_activations(monkeypatch):
+    """Parameters sharded over 8 devices (mesh.fsdp=8), batch 64 per device: no activation is all-gathered to the
+    global batch in the train step. Unpinned, XLA's partitioner gathers the activations of U-ViT-L/2-sized
+    Linears instead of their kernels (8x the activation memory and traffic), which the second half shows."""
+    config = preset_config("imagenet256_uvit_l2", batch=8 * 64)
+    config.nnet.depth, config.mesh.fsdp = 2, 8
+    assert _activation_all_gathers(config) == []
+    from uvit_jax import parallel
+    monkeypatch.setattr(parallel, "constrain_batch", lambda x: x)
+    assert len(_activation_all_gathers(config)) > 5

@@ -12,10 +12,10 @@ FLOPs of the whole train step per image (which includes the recomputation of rem
 
 Compile-only compiles for the devices present, from shapes alone (nothing the size of the model is allocated):
 for the per-device figures of an N-device run on one CPU, pass the per-device batch (or set
-XLA_FLAGS=--xla_force_host_platform_device_count=N). On CPU it compiles with the memory-minimising scheduler and
-without YNNPACK fusions (`CPU_ESTIMATE_OPTIONS`): XLA:CPU's default, concurrency-optimised schedule holds many
-blocks' temporaries at once (U-ViT-L/2 at batch 128: 100 GiB instead of 6.4 GiB), which says nothing about an
-accelerator. XLA:CPU also computes bf16 matmuls in float32, so a CPU estimate of a bf16 run is an upper bound.
+XLA_FLAGS=--xla_force_host_platform_device_count=N). On CPU it compiles with the memory-minimising scheduler (as
+the CPU train step does) and without YNNPACK fusions (`CPU_ESTIMATE_OPTIONS`): XLA:CPU's default,
+concurrency-optimised schedule holds many blocks' temporaries at once (U-ViT-L/2 at batch 128: 100 GiB instead of
+6.4 GiB), which says nothing about an accelerator. XLA:CPU also computes bf16 matmuls in float32, so a CPU estimate of a bf16 run is an upper bound.
 
 The timed form adds: seconds per train step (`step_s`, after one warm-up step), images/s, TFLOP/s per device and
 MFU (model FLOPs = 3 x forward against the chip's dense bf16 peak), the peak device memory where the backend
@@ -35,10 +35,9 @@ from absl import logging
 
 from uvit_jax import models, parallel
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.train_step import Trainer, flops_per_image, make_apply, peak_flops_per_device
+from uvit_jax.train_step import CPU_COMPILER_OPTIONS, Trainer, flops_per_image, make_apply, peak_flops_per_device
 
-CPU_ESTIMATE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-                        "xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_ESTIMATE_OPTIONS = {**CPU_COMPILER_OPTIONS, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def synthetic_batch(config, global_batch: int) -> dict:

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from uvit_jax import parallel
+
 LN_EPS = 1e-5  # torch.nn.LayerNorm default (flax's is 1e-6)
 
 
@@ -80,7 +82,14 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # Named for remat_policy="dots", which keeps these products and recomputes the rest.
         y = checkpoint_name(_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype)), "linear")
+        y = parallel.constrain_batch(y)  # FSDP: gather the kernel, not the batch (identity unless training sharded)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """nn.GELU(): x/2 (1 + erf(x/√2)), PyTorch's formula. jax.nn.gelu(approximate=False) writes it with erfc,
+    which XLA expands into exponentials and selects: ~3x the cost (13% of a small U-ViT's CPU train step)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
 @jax.custom_vjp
@@ -301,7 +310,7 @@ class Mlp(nnx.Module):
         self.fc2 = Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, keys=keys)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
