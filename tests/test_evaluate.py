@@ -151,6 +151,19 @@ def test_compute_feature_stats_streaming_with_padding(feature_fn):
         np.testing.assert_allclose(stats["pool_features"], full["pool"][:30], rtol=1e-5, atol=1e-6)
 
 
+def test_feature_pass_reports_progress_with_eta(feature_fn, caplog):
+    """A long feature pass logs images done of the total with an ETA; the last line says it finished."""
+    from uvit_jax import console
+    images = _images(5, 30)
+    with caplog.at_level("INFO"):
+        evaluate.compute_feature_stats((images[i:i + 10] for i in range(0, 30, 10)), feature_fn,
+                                       progress=console.Progress("features", 30, every_s=0))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("features:")]
+    assert [line.split()[1] for line in lines] == ["10/30", "20/30", "30/30"]
+    assert "ETA" in lines[0] and "ETA" not in lines[-1]
+    assert console.format_duration(7385) == "2h03m" and console.format_duration(65) == "1m05s"
+
+
 def test_iter_npz_batches(tmp_path):
     paths = []
     for i, n in enumerate((5, 9, 3)):

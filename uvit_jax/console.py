@@ -3,13 +3,15 @@
 `setup(verbosity, main_process)`: short "HH:MM:SS message" lines; INFO records from outside uvit_jax / main.py
 (orbax's per-save lines, TFDS's "Downloading and preparing", JAX's backend probes) are dropped unless
 `--verbosity >= 1`; known-harmless library warnings are dropped too. Processes other than 0 print warnings only.
-`user_error(e)` turns the mistakes a person can fix into one line, without a traceback.
+`user_error(e)` turns the mistakes a person can fix into one line, without a traceback. `Progress` logs
+"what: done/total unit, rate, ETA" for long passes; `format_duration` is the one way durations are printed.
 """
 from __future__ import annotations
 
 import logging as std_logging
 import os
 import sys
+import time
 import warnings
 
 from absl import logging
@@ -57,3 +59,32 @@ def user_error(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
     """Print `error: message` (one line) to stderr and exit."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """Logs "what: done/total unit  rate unit/s  ETA" when `update` is called, at most once per `every_s`
+    seconds and always for the last item (total known)."""
+
+    def __init__(self, what: str, total: int | None, unit: str = "images", every_s: float = 30.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.start = self.last = time.time()
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        finished = self.total is not None and done >= self.total
+        if now - self.last < self.every_s and not finished:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        eta = (f"  ETA {format_duration((self.total - done) / max(rate, 1e-9))}"
+               if self.total is not None and not finished else "")
+        logging.info("%s: %d%s %s  %.1f %s/s%s", self.what, done, of, self.unit, rate, self.unit, eta)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from uvit_jax import data, diffusion, evaluate, files, generate, images, latent, parallel, rng
+from uvit_jax import console, data, diffusion, evaluate, files, generate, images, latent, parallel, rng
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.sample import label_probabilities, sample_files, sample_labels
 from uvit_jax.train_step import make_apply
@@ -60,14 +60,16 @@ def reference_stats(config, workdir: str, feature_fn) -> tuple[dict, str]:
             f"config.eval.ref_stats is not set: {config.dataset.name} holds latents, not images; FID needs the "
             "statistics of the real images: the official fid_stats_imagenet{256,512}_guided_diffusion.npz / "
             "fid_stats_mscoco256_val.npz (U-ViT README, assets/fid_stats)")
-    side = data.dataset_info(config.dataset)["image_shape"][0]
-    cache = os.path.join(workdir, "eval", f"ref_stats_{config.dataset.name}_{side}.npz")
+    info = data.dataset_info(config.dataset)
+    cache = os.path.join(workdir, "eval", f"ref_stats_{config.dataset.name}_{info['image_shape'][0]}.npz")
     if os.path.exists(cache):
         return evaluate.load_reference_stats(cache), cache
     logging.info("Computing reference statistics of %s (cached in %s)", config.dataset.name, cache)
+    batches = data.make_eval_batches(config.dataset, global_batch_size=config.eval.batch_size)
     stats = evaluate.compute_feature_stats(
-        data.make_eval_batches(config.dataset, global_batch_size=config.eval.batch_size), feature_fn,
-        gather_processes=jax.process_count() > 1)
+        batches, feature_fn, gather_processes=jax.process_count() > 1,
+        progress=console.Progress(f"reference statistics of {config.dataset.name}",
+                                  info["num_examples"] // jax.process_count()))
     if parallel.is_main_process():
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         evaluate.save_reference_stats(stats, cache)
@@ -146,7 +148,8 @@ def make_training_fid_callback(config, workdir: str):
                 x = parallel.gather_to_host(decode(x) if decode else x)
                 yield images.to_uint8(x[: min(batch, n - i * batch)])
 
-        stats = evaluate.compute_feature_stats(batches(), feature_fn)
+        stats = evaluate.compute_feature_stats(batches(), feature_fn,
+                                               progress=console.Progress(f"step {step}: FID-{n} samples", n))
         fid = float(evaluate.frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]))
         record = {"step": int(step), "fid": fid, "n_samples": n, "sampler": sampler,
                   "seconds": round(time.time() - start, 2)}

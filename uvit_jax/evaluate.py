@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from scipy import special
 
-from uvit_jax import files
+from uvit_jax import console, files
 from uvit_jax.images import to_uint8
 from uvit_jax.models import inception
 
@@ -269,7 +269,8 @@ def _unpack(item) -> tuple[Any, np.ndarray | None]:
 
 
 def compute_feature_stats(batches: Iterable, feature_fn: FeatureFn, *,
-                          max_pool_features: int | None = 50_000, gather_processes: bool = False) -> dict:
+                          max_pool_features: int | None = 50_000, gather_processes: bool = False,
+                          progress: console.Progress | None = None) -> dict:
     """Stream image batches through `feature_fn` into statistics.
 
     `batches` yields image arrays (see `to_uint8_rgb`), (images, mask) pairs or dicts {"image(s)", "mask"}; rows
@@ -280,6 +281,7 @@ def compute_feature_stats(batches: Iterable, feature_fn: FeatureFn, *,
     Returns {"n", "mu", "sigma", "mu_s", "sigma_s" (float64), "logits" (n, 1008) float32 for IS,
     "pool_features" (min(n, max_pool_features), 2048) float32: the first rows, for precision/recall}.
     With gather_processes=True the sums of all JAX processes are combined (each process streams its own rows).
+    `progress` is told the number of images consumed after each batch.
     """
     pool = spatial = None
     logits, kept = [], []
@@ -300,6 +302,8 @@ def compute_feature_stats(batches: Iterable, feature_fn: FeatureFn, *,
             take = feats["pool"][: int(min(cap - n_kept, len(feats["pool"])))]
             kept.append(take.astype(np.float32))
             n_kept += len(take)
+        if progress is not None:
+            progress.update(pool.n)
 
     pending = None
     for item in batches:
@@ -470,7 +474,7 @@ def evaluate_samples(sample_npz_paths: Sequence[str], ref: Mapping | str, featur
     if isinstance(ref, (str, os.PathLike)):
         ref = load_reference_stats(os.fspath(ref), feature_fn, batch_size=batch_size)
     stats = compute_feature_stats(iter_npz_batches(sample_npz_paths, batch_size, max_samples=max_samples),
-                                  feature_fn)
+                                  feature_fn, progress=console.Progress("features of the samples", max_samples))
     out = {"fid": frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]), "n_samples": stats["n"]}
     if ref.get("mu_s") is not None:
         out["sfid"] = sfid(stats["mu_s"], stats["sigma_s"], ref["mu_s"], ref["sigma_s"])

@@ -43,7 +43,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from uvit_jax import files, latent, parallel, preemption
+from uvit_jax import console, files, latent, parallel, preemption
 from uvit_jax.config import ConfigError
 from uvit_jax.data import datasets, features, preprocess
 from uvit_jax.data.datasets import DatasetNotPreparedError
@@ -252,10 +252,6 @@ def _finish_split(out: str, split: str, extra: dict) -> None:
     files.write_json(os.path.join(out, features.MANIFEST), manifest)
 
 
-def _eta(seconds: float) -> str:
-    return f"{seconds / 3600:.1f}h" if seconds >= 3600 else f"{seconds / 60:.1f}min"
-
-
 def _pad_texts(texts: list[str], size: int) -> list[str]:
     return texts + [""] * (size - len(texts))
 
@@ -386,7 +382,7 @@ def _extract_split(config, out, split, source, size, encode, text, mesh, batch, 
                     rate = timed_images / (time.perf_counter() - t_start)
                     left = sum(bounds(t)[1] - bounds(t)[0] for t in todo[written:])
                     speed = (f"{rate:.1f} images/s{' (x2 with mirrors)' if not coco else ''}  "
-                             f"ETA {_eta(left / rate)}")
+                             f"ETA {console.format_duration(left / rate)}")
                 logging.info("%s: shard %d/%d (%d written this run)  %s", split, num_shards - len(todo) + written,
                              num_shards, written, speed)
     finally:

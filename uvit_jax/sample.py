@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from uvit_jax import checkpoint, data, files, generate, images, latent, models, parallel, preemption, rng
+from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.config import ConfigError
 from uvit_jax.train_step import make_apply
@@ -167,7 +167,7 @@ def sample_to_dir(config, workdir: str) -> str:
             made, written = made + 1, written + count
             elapsed = time.time() - t0
             logging.info("batch %d/%d  %.1f samples/s  ETA %s", i + 1, n_batches, made * batch / elapsed,
-                         f"{(len(todo) - made) * elapsed / made:.0f}s")
+                         console.format_duration((len(todo) - made) * elapsed / made))
     total = sum(min(batch, n_total - i * batch) for i in range(n_batches) if done[i]) + written
     logging.info("Wrote %d samples this run (%d in all of %d) to %s/batch_*.npz; the first 64 are shown in "
                  "%s/grid.png", written, total, n_total, out_dir, out_dir)

@@ -19,7 +19,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from uvit_jax import checkpoint, data, files, generate, images, latent, models, parallel, preemption, rng
+from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.train_step import State, Trainer, flops_per_image, make_apply, peak_flops_per_device
 from uvit_jax.workdir_lock import WorkdirLock
@@ -57,13 +57,6 @@ class _TrainClock:
         self.pause(*arrays)
         self.resume()
         return self.total
-
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -180,7 +173,7 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
                 writer.write_scalars(step, scalars)
                 logging.info("step %d/%d  loss %.4f  %.1f steps/s (%.0f img/s)  ETA %s", step, cfg_t.n_steps,
                              scalars["loss"], rate, scalars["images_per_sec"],
-                             _fmt_duration((cfg_t.n_steps - step) / max(rate, 1e-9)))
+                             console.format_duration((cfg_t.n_steps - step) / max(rate, 1e-9)))
             stop = preemption.should_stop(step)
             if step % cfg_t.eval_interval == 0 or step == cfg_t.n_steps:
                 clock.pause(state)
