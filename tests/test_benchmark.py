@@ -108,9 +108,8 @@ def test_sampler_with_fsdp_sharded_params_equals_replicated():
     for fsdp in (1, 8):
         mesh = parallel.make_mesh(fsdp)
         sharded = jax.device_put(params, parallel.tree_param_shardings(params, mesh))
-        gen = jax.jit(parallel.with_batch_sharded_activations(lambda p, k, c: fn(p, k, c, batch_size=16), mesh),
-                      out_shardings=parallel.batch_sharding(mesh))
-        out[fsdp] = gen(sharded, jax.random.key(1), labels)
+        out[fsdp] = generate.jit_generate(fn, 16, mesh)(sharded, jax.random.key(1), labels)
+        assert out[fsdp].sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)
     assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(
         parallel.tree_param_shardings(params, parallel.make_mesh(8))))
     np.testing.assert_allclose(np.asarray(out[8]), np.asarray(out[1]), rtol=1e-4, atol=1e-5)

@@ -15,7 +15,8 @@ for the per-device figures of an N-device run on one CPU, pass the per-device ba
 XLA_FLAGS=--xla_force_host_platform_device_count=N). On CPU it compiles with the memory-minimising scheduler (as
 the CPU train step does) and without YNNPACK fusions (`CPU_ESTIMATE_OPTIONS`): XLA:CPU's default,
 concurrency-optimised schedule holds many blocks' temporaries at once (U-ViT-L/2 at batch 128: 100 GiB instead of
-6.4 GiB), which says nothing about an accelerator. XLA:CPU also computes bf16 matmuls in float32, so a CPU estimate of a bf16 run is an upper bound.
+6.4 GiB), which says nothing about an accelerator. XLA:CPU also computes bf16 matmuls in float32, so a CPU estimate
+of a bf16 run is an upper bound.
 
 The timed form adds: seconds per train step (`step_s`, after one warm-up step), images/s, TFLOP/s per device and
 MFU (model FLOPs = 3 x forward against the chip's dense bf16 peak), the peak device memory where the backend

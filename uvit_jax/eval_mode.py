@@ -130,7 +130,7 @@ def make_training_fid_callback(config, workdir: str):
         steps=sampler["steps"], image_shape=info["image_shape"], method=sampler["method"], order=sampler["order"],
         skip_type=sampler["skip_type"], scale=sampler["scale"],
         null_cond=cond.null_condition(null_context) if sampler["scale"] > 0 else None)
-    gen = jax.jit(parallel.with_batch_sharded_activations(lambda p, k, c: fn(p, k, c, batch_size=batch), mesh))
+    gen = generate.jit_generate(fn, batch, mesh)
     n = int(config.train.fid_n_samples)
     label_probs = label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class" else None
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from uvit_jax import diffusion
+from uvit_jax import diffusion, parallel
 from uvit_jax.conditioning import Conditioning
 
 
@@ -57,3 +57,10 @@ def make_generate_from_config(config, apply: Callable, *, image_shape: tuple[int
         order=config.sample.order, skip_type=config.sample.skip_type, thresholding=config.sample.thresholding,
         scale=config.sample.scale if use_cfg else 0.0,
         null_cond=Conditioning.from_config(config).null_condition(null_context) if use_cfg else None)
+
+
+def jit_generate(generate: Callable, batch_size: int, mesh) -> Callable:
+    """`generate` (from make_generate_fn) jitted as `gen(params, key, cond)` for `batch_size` images split over
+    `mesh` by batch, its activations pinned to that split when the parameters are sharded (FSDP)."""
+    fn = parallel.with_batch_sharded_activations(lambda p, k, c: generate(p, k, c, batch_size=batch_size), mesh)
+    return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))

@@ -130,8 +130,7 @@ def sample_to_dir(config, workdir: str) -> str:
     n_batches = math.ceil(n_total / batch)
     fn = generate.make_generate_from_config(config, make_apply(config), image_shape=image_shape(config),
                                             null_context=null_context)
-    gen = jax.jit(parallel.with_batch_sharded_activations(lambda p, k, c: fn(p, k, c, batch_size=batch), mesh),
-                  out_shardings=batch_sharding)
+    gen = generate.jit_generate(fn, batch, mesh)
     if parallel.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
     done = _done_batches(out_dir, n_batches)
@@ -202,8 +201,7 @@ def sample_prompts(config, workdir: str) -> str:
     batch = parallel.padded_size(config.sample.mini_batch_size)
     fn = generate.make_generate_from_config(config, make_apply(config), image_shape=image_shape(config),
                                             null_context=null_context)
-    gen = jax.jit(parallel.with_batch_sharded_activations(lambda p, k, c: fn(p, k, c, batch_size=batch), mesh),
-                  out_shardings=parallel.batch_sharding(mesh))
+    gen = generate.jit_generate(fn, batch, mesh)
     logging.info("Sampling %d prompts from %s (%s, %d steps, scale %s)", len(prompts), source,
                  config.sample.algorithm, config.sample.sample_steps, config.sample.scale if config.sample.cfg else 0)
     out = []

@@ -234,8 +234,7 @@ class _GridWriter:
             self.cond = latent.host_to_global(texts.batch(0, self.n)["context"], trainer.mesh)
         fn = generate.make_generate_from_config(config, make_apply(config), image_shape=info["image_shape"],
                                                 steps=config.sample.grid_steps, null_context=null_context)
-        self.fn = jax.jit(parallel.with_batch_sharded_activations(lambda p, k, c: fn(p, k, c, batch_size=self.n),
-                                                                  trainer.mesh), out_shardings=trainer.batch_sharding)
+        self.fn = generate.jit_generate(fn, self.n, trainer.mesh)
         self.key = rng.stream_key(config.seed, rng.GRID)
 
     def write(self, step: int, ema_params) -> None:

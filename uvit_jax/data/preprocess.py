@@ -44,7 +44,6 @@ def flip_bits(bits: np.ndarray) -> np.ndarray:
     return (bits & np.uint64(1)).astype(bool)
 
 
-
 def pad_to(image: np.ndarray, size: int, value: int = 0) -> np.ndarray:
     """Centre an HWC image on a `size`x`size` canvas filled with `value` (digits: 28 -> 32, black = -1)."""
     h, w = image.shape[:2]
