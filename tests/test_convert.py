@@ -84,6 +84,12 @@ def test_mismatched_checkpoints_raise_clear_errors():
         params_from_official(bad, nnet)
     with pytest.raises(ValueError, match=r"missing keys \['label_emb.weight'\]"):
         from_official({k: v for k, v in sd.items() if k != "label_emb.weight"}, **kwargs)
+    # A checkpoint of another network (here two blocks deeper) lists the first keys of each kind and counts the rest.
+    deeper = nnet_of(dict(kwargs, depth=kwargs["depth"] + 2))
+    with pytest.raises(ValueError, match=r"missing keys \['in_blocks\.\d.*, \.\.\. \(\+\d+ more\)\], "
+                                         r"unexpected keys \[\]") as err:
+        params_from_official(sd, deeper)
+    assert str(err.value).count("blocks.") == 10
     with pytest.raises(ValueError, match=r"shape mismatch for 'pos_embed'"):
         from_official(sd, **dict(kwargs, img_size=16))
     # A DataParallel-saved checkpoint ("module." prefix) converts like the plain one.

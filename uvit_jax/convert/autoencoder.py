@@ -28,6 +28,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx, traverse_util
 
+from uvit_jax.convert.keys import key_mismatch
 from uvit_jax.convert.pth import load_state_dict
 from uvit_jax.convert.uvit import _from_torch_layout, _to_torch_layout
 from uvit_jax.models.autoencoder import FrozenAutoencoderKL, check_ddconfig
@@ -137,16 +138,12 @@ def autoencoder_params_from_official(state_dict_or_path, *, ddconfig: Mapping, e
     def name(k):  # errors name the key as the file spells it
         return f"{k!r} (diffusers {origin[k]!r})" if origin.get(k, k) != k else repr(k)
 
-    def names(keys):
-        return "[" + ", ".join(map(name, keys)) + "]"
-
     target = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(_abstract_model(ddconfig, embed_dim), nnx.Param)))
     expected = {official_key(path): path for path in target}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
+    mismatch = key_mismatch(expected, sd, name=name)
+    if mismatch:
         raise ValueError(f"checkpoint does not match the autoencoder (ddconfig {dict(ddconfig)}, embed_dim "
-                         f"{embed_dim}): missing keys {missing}, unexpected keys {names(unexpected)}")
+                         f"{embed_dim}): {mismatch}")
     flat = {}
     for key in sorted(expected, key=_official_sort_key):  # the first mismatch in file order is reported
         path = expected[key]

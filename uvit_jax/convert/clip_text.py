@@ -23,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx, traverse_util
 
+from uvit_jax.convert.keys import key_mismatch
 from uvit_jax.convert.pth import load_state_dict
 from uvit_jax.models.clip_text import CLIPTextModel
 
@@ -103,11 +104,10 @@ def params_from_hf(state_dict_or_path, config: Mapping | None = None, *, param_d
     abstract = _abstract_model(config, jnp.float32, jnp.float32)
     target = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     expected = {hf_key(path): path for path in target}
-    missing = sorted(prefix + k for k in set(expected) - set(tower))
-    unexpected = sorted(prefix + k for k in set(tower) - set(expected)) + stray
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the CLIP text encoder {config}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
+    # Keys as the file spells them: with its prefix, and the stray keys outside that prefix.
+    mismatch = key_mismatch([prefix + k for k in expected], [prefix + k for k in tower] + stray)
+    if mismatch:
+        raise ValueError(f"checkpoint does not match the CLIP text encoder {config}: {mismatch}")
     flat = {}
     for key, path in expected.items():
         value = np.asarray(tower[key])

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uvit_jax.convert.keys import key_mismatch
 from uvit_jax.models import inception
 
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -71,19 +72,13 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
     """
     expected = expected_keys()
     given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
     if not set(given) & set(expected):
         raise ValueError(
             f"this is not a pytorch-fid Inception state dict: none of its {len(state_dict)} keys is an Inception "
             f"key (found e.g. {sorted(state_dict)[:5]}; expected e.g. {list(expected)[:3]}). Use pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth (torch-fidelity's weights-inception-2015-12-05-6726825d.pth is "
             "the same file).")
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_short(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_short(unexpected)}")
+    problems = [m for m in [key_mismatch(expected, given)] if m]
     for key in sorted(set(expected) & set(given)):
         got = tuple(np.shape(given[key]))
         if got != expected[key][1]:
@@ -98,10 +93,6 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
             node = node.setdefault(part, {})
         node[path[-1]] = _to_flax_layout(path, np.asarray(given[key], dtype=np.float32))
     return tree
-
-
-def _short(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from uvit_jax import checkpoint
+from uvit_jax.convert.keys import key_mismatch
 from uvit_jax.convert.pth import load_state_dict
 from uvit_jax.models import abstract_params, build_model, nnet_kwargs
 
@@ -103,11 +104,9 @@ def params_from_official(state_dict, nnet: Mapping, *, param_dtype=np.float32) -
     sd = _strip_module_prefix(load_state_dict(state_dict))
     target = _flatten(abstract_params(nnet))
     expected = {official_key(path): path for path in target}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the network {dict(nnet)}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
+    mismatch = key_mismatch(expected, sd)
+    if mismatch:
+        raise ValueError(f"checkpoint does not match the network {dict(nnet)}: {mismatch}")
     flat = {}
     for key, path in expected.items():
         value = _from_torch_layout(path[-1], np.asarray(sd[key]))
