@@ -15,6 +15,10 @@ first; a single process needs nothing.
 import ast
 import os
 
+from uvit_jax import host_malloc
+
+host_malloc.tune_for_xla_cpu()  # before any thread starts (a thread keeps its malloc arena): see the module
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow only decodes images and writes TensorBoard here; with its oneDNN ops on it prints a notice at import
 # that TF_CPP_MIN_LOG_LEVEL does not silence.

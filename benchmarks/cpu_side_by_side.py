@@ -14,7 +14,8 @@ step (compilation) per side, so that load on a shared machine falls on both; eac
 minimum wall time over all timed steps, the median process CPU time (less sensitive to other processes, but
 it counts threads that spin while they wait), and official / ours of the median wall time (> 1: ours is
 faster). `--official_dir` is a checkout of https://github.com/baofff/U-ViT (it must contain libs/uvit.py); no
-official code is part of this repository.
+official code is part of this repository. Both sides share the process's malloc: by default tuned as main.py tunes
+it (uvit_jax/host_malloc.py; the official step gains from it too), `--host_malloc default` for glibc's own.
 """
 from __future__ import annotations
 
@@ -155,7 +156,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3, help="alternations official / ours")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--host_malloc", choices=["tuned", "default"], default="tuned",
+                   help="glibc malloc for the whole process, both sides: as main.py sets it (uvit_jax/host_malloc.py) "
+                        "or glibc's defaults")
     args = p.parse_args(argv)
+    from uvit_jax import host_malloc
+    tuned = args.host_malloc == "tuned" and host_malloc.tune_for_xla_cpu()  # before JAX or torch start threads
+    print(f"host malloc: {'tuned as main.py sets it' if tuned else 'glibc defaults'} (both sides)")
     why_not = official_available(args.official_dir)
     if why_not:
         print(f"official side skipped: {why_not}")

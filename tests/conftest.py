@@ -1,9 +1,12 @@
-"""Test setup: 8 fake CPU devices, float32 matmuls at full precision, quiet TensorFlow.
+"""Test setup: 8 fake CPU devices, float32 matmuls at full precision, quiet TensorFlow, malloc as main.py sets it.
 
 These must be set before JAX initialises its backend, hence at import time of conftest.
 """
 import os
 
+from uvit_jax import host_malloc
+
+host_malloc.tune_for_xla_cpu()  # as main.py does, before any thread starts
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from uvit_jax import models, parallel
+from uvit_jax import host_malloc, models, parallel
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.train_step import CPU_COMPILER_OPTIONS, Trainer, flops_per_image, make_apply, peak_flops_per_device
 
@@ -123,7 +123,7 @@ def run(config, workdir: str, steps: int = 10, compile_only: bool = False) -> di
         "attention": config.attention, "remat_policy": config.get("remat_policy", None),
         "use_checkpoint": bool(nnet.get("use_checkpoint", False)), "global_batch": global_batch,
         "per_device_batch": per_device, "params": int(models.count_params(nnet)), "compile_s": compile_s,
-        "compile_only": compile_only, "cpu_compile_options": options,
+        "compile_only": compile_only, "cpu_compile_options": options, "host_malloc_tuned": host_malloc.applied,
         **_memory(compiled),
         "xla_forward_flops": xla_fwd, "analytic_forward_flops": analytic_fwd,
         "xla_train_step_flops_per_image": _flops(compiled) / max(per_device, 1),
