@@ -3,8 +3,9 @@
 XLA:CPU allocates all temporaries of one execution as a single block: 205 MiB for the tiny U-ViT train step of
 benchmarks/cpu_side_by_side.py, 1.7 GiB for U-ViT-S/2 at batch 8. glibc serves a block that large with mmap and
 unmaps it when it is freed, so each step writes to fresh pages: 59k (tiny) to 443k (S/2) page faults per step,
-0.1-0.9 s of kernel time, 9-14% of the step's wall time on 2 cores. From one heap that is never trimmed, the
-block is reused step after step instead.
+0.1-0.9 s of kernel time. From one heap that is never trimmed, the block is reused step after step instead: on 2
+cores the S/2 train step takes 12% less time, the tiny one 18% (README, "Speed and memory"); the quickstart's small
+step is the same within noise.
 
 The settings must be made before JAX starts its threads (a thread keeps the arena it first used), so main.py
 calls `tune_for_xla_cpu` first thing. They change nothing where JAX will run on an accelerator (a JAX plugin is
@@ -15,7 +16,6 @@ reaches every step anyway.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
@@ -34,7 +34,7 @@ def jax_will_use_cpu() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "").strip()
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    has_plugin = any(True for _ in importlib.metadata.entry_points(group="jax_plugins"))
+    has_plugin = len(importlib.metadata.entry_points(group="jax_plugins")) > 0
     return not (has_plugin or importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins"))
 
 
@@ -44,7 +44,7 @@ def tune_for_xla_cpu() -> bool:
     if os.environ.get(OPT_OUT, "").lower() == "default" or not jax_will_use_cpu():
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
     except (OSError, AttributeError):  # not glibc (macOS; musl has no mallopt)
         return False
     applied = all(mallopt(param, value) == 1 for param, value in SETTINGS.items())
