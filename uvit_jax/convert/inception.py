@@ -78,7 +78,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
             f"key (found e.g. {sorted(state_dict)[:5]}; expected e.g. {list(expected)[:3]}). Use pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth (torch-fidelity's weights-inception-2015-12-05-6726825d.pth is "
             "the same file).")
-    problems = [m for m in [key_mismatch(expected, given)] if m]
+    mismatch = key_mismatch(expected, given)
+    problems = [mismatch] if mismatch else []
     for key in sorted(set(expected) & set(given)):
         got = tuple(np.shape(given[key]))
         if got != expected[key][1]:
