@@ -137,18 +137,19 @@ def _convert(config, workdir):
 
 def _convert_files(config, workdir):
     from uvit_jax import convert
+    from uvit_jax.rundir import RunDir
     if not _CONVERT_INPUT.value:
         raise app.UsageError("--mode convert needs --convert_input=PATH (official nnet_ema.pth or .npz, or a "
                              "converted dir with --convert_to_official)")
     nnet = dict(config.nnet)
     if _TO_OFFICIAL.value:
-        out = _CONVERT_OUTPUT.value or os.path.join(workdir, "nnet_ema.pth")
+        out = _CONVERT_OUTPUT.value or RunDir(workdir).official_params
         saved_nnet, params = convert.load_converted(_CONVERT_INPUT.value)
         convert.save_torch_file(convert.params_to_official(params), out)
         logging.info("Converted %s (%s) -> %s (official state dict; load with nnet.load_state_dict(torch.load(...)))",
                      _CONVERT_INPUT.value, saved_nnet.get("name"), out)
         return
-    out = _CONVERT_OUTPUT.value or os.path.join(workdir, "converted")
+    out = _CONVERT_OUTPUT.value or RunDir(workdir).converted
     convert.save_converted(out, convert.params_from_official(convert.load_state_dict(_CONVERT_INPUT.value), nnet),
                            nnet)
     logging.info("Converted %s -> %s; sample from it with --mode sample --config.sample.params_dir=%s",

@@ -36,6 +36,7 @@ from absl import logging
 
 from uvit_jax import host_malloc, models, parallel
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.rundir import RunDir
 from uvit_jax.train_step import CPU_COMPILER_OPTIONS, Trainer, flops_per_image, make_apply, peak_flops_per_device
 
 CPU_ESTIMATE_OPTIONS = {**CPU_COMPILER_OPTIONS, "xla_cpu_experimental_ynn_fusion_type": ""}
@@ -133,7 +134,7 @@ def run(config, workdir: str, steps: int = 10, compile_only: bool = False) -> di
         result.update(_timings(config, trainer, compiled, steps))
     if parallel.is_main_process():
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "benchmark.json"), "w") as f:
+        with open(RunDir(workdir).benchmark, "w") as f:
             json.dump(result, f, indent=2)
         print(json.dumps(result, indent=2))
     logging.info("benchmark: %s", result)

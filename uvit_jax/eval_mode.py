@@ -18,6 +18,7 @@ from absl import logging
 
 from uvit_jax import console, data, diffusion, evaluate, files, generate, images, latent, parallel, rng
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.rundir import RunDir
 from uvit_jax.sample import label_probabilities, sample_files, sample_labels
 from uvit_jax.train_step import make_apply
 
@@ -61,7 +62,7 @@ def reference_stats(config, workdir: str, feature_fn) -> tuple[dict, str]:
             "statistics of the real images: the official fid_stats_imagenet{256,512}_guided_diffusion.npz / "
             "fid_stats_mscoco256_val.npz (U-ViT README, assets/fid_stats)")
     info = data.dataset_info(config.dataset)
-    cache = os.path.join(workdir, "eval", f"ref_stats_{config.dataset.name}_{info['image_shape'][0]}.npz")
+    cache = RunDir(workdir).ref_stats_cache(config.dataset.name, info["image_shape"][0])
     if os.path.exists(cache):
         return evaluate.load_reference_stats(cache), cache
     logging.info("Computing reference statistics of %s (cached in %s)", config.dataset.name, cache)
@@ -79,7 +80,7 @@ def reference_stats(config, workdir: str, feature_fn) -> tuple[dict, str]:
 def evaluate_workdir(config, workdir: str) -> dict:
     """Eval mode: metrics of WORKDIR's samples against the reference; logged and written to WORKDIR/eval/."""
     feature_fn = make_feature_fn(config)  # first: a missing feature network is the first thing to fix
-    sample_dir = config.sample.path or os.path.join(workdir, "samples")
+    sample_dir = config.sample.path or RunDir(workdir).samples
     paths = sample_files(sample_dir)
     if not paths:
         raise FileNotFoundError(f"no samples in {sample_dir}: run --mode sample first")
@@ -91,7 +92,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     metrics["reference"] = ref_source
     metrics["samples"] = sample_dir
     if parallel.is_main_process():
-        path = os.path.join(workdir, "eval", f"metrics_{time.strftime('%Y%m%d-%H%M%S')}.json")
+        path = RunDir(workdir).metrics(time.strftime("%Y%m%d-%H%M%S"))
         files.write_json(path, metrics)
         logging.info("FID %.3f  sFID %.3f  IS %.2f  precision %.3f  recall %.3f  (%d samples vs %s); wrote %s",
                      metrics["fid"], metrics["sfid"], metrics["is"], metrics["precision"], metrics["recall"],
@@ -154,7 +155,7 @@ def make_training_fid_callback(config, workdir: str):
         record = {"step": int(step), "fid": fid, "n_samples": n, "sampler": sampler,
                   "seconds": round(time.time() - start, 2)}
         if parallel.is_main_process():
-            files.write_json(os.path.join(workdir, "eval", f"fid_{step}.json"), record)
+            files.write_json(RunDir(workdir).fid_record(step), record)
         logging.info("step %d: FID-%d %.3f (%s %d steps, %.0f s)", step, n, fid, sampler["algorithm"],
                      sampler["steps"], record["seconds"])
         return {"fid": fid}

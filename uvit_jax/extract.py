@@ -48,6 +48,7 @@ from uvit_jax.config import ConfigError
 from uvit_jax.data import datasets, features, preprocess
 from uvit_jax.data.datasets import DatasetNotPreparedError
 from uvit_jax.data.pipeline import BatchIterator
+from uvit_jax.rundir import RunDir
 
 SPLITS = {"imagenet_latents": ("train",), "mscoco_latents": ("train", "val")}
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -265,7 +266,7 @@ def run(config, workdir: str) -> str | None:
     splits = tuple(config.extract.split.split(",")) if config.extract.split else SPLITS[name]
     if not set(splits) <= set(SPLITS[name]):
         raise ConfigError(f"config.extract.split: {name} has the splits {SPLITS[name]} (got {config.extract.split!r})")
-    out = config.extract.output or os.path.join(workdir, "features")
+    out = config.extract.output or RunDir(workdir).features
     f = latent.downsampling(config)
     size = config.extract.resolution or int(config.nnet.img_size) * f
     if size != int(config.nnet.img_size) * f:

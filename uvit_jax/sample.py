@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.rundir import RunDir
 from uvit_jax.config import ConfigError
 from uvit_jax.train_step import make_apply
 
@@ -65,7 +66,7 @@ def load_ema_params(config, workdir: str, mesh) -> tuple[dict, str]:
             raise ValueError(f"{config.sample.params_dir}/nnet.json does not match config.nnet (saved, config): "
                              f"{mismatched}")
         return params, f"converted params {config.sample.params_dir}"
-    directory = os.path.join(workdir, "checkpoints")
+    directory = RunDir(workdir).checkpoints
     step, why = _chosen_step(config.sample.step, workdir)
     try:
         params, step = checkpoint.restore_ema_params(directory, target, step=step)
@@ -78,7 +79,7 @@ def load_ema_params(config, workdir: str, mesh) -> tuple[dict, str]:
 
 def read_best(workdir: str) -> dict | None:
     """WORKDIR/eval/best.json ({"step", "fid"}: the lowest FID during training) or None."""
-    path = os.path.join(workdir, "eval", "best.json")
+    path = RunDir(workdir).best_record
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -111,7 +112,7 @@ def sample_to_dir(config, workdir: str) -> str:
     With sample.prompts set, one image per prompt instead (`sample_prompts`)."""
     if config.sample.prompts:
         return sample_prompts(config, workdir)
-    out_dir = config.sample.path or os.path.join(workdir, "samples")
+    out_dir = config.sample.path or RunDir(workdir).samples
     cond = Conditioning.from_config(config)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     params, source = load_ema_params(config, workdir, mesh)
@@ -188,7 +189,7 @@ def sample_prompts(config, workdir: str) -> str:
     """One image per prompt of `sample.prompts`, guided against the same CLIP's encoding of "" (what the
     training null context empty_context.npy is); returns the output dir."""
     prompts = read_prompts(config.sample.prompts)
-    out_dir = config.sample.path or os.path.join(workdir, "prompts")
+    out_dir = config.sample.path or RunDir(workdir).prompts
     cond = Conditioning.from_config(config)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     params, source = load_ema_params(config, workdir, mesh)
@@ -256,7 +257,7 @@ def label_probabilities(config, workdir: str, num_classes: int) -> np.ndarray:
     evaluation draws them; read once from the labels (images are not decoded) and cached in WORKDIR/eval/."""
     if config.sample.label_distribution == "uniform":
         return np.full(num_classes, 1.0 / num_classes)
-    cache = os.path.join(workdir, "eval", f"class_frequencies_{config.dataset.name}.npy")
+    cache = RunDir(workdir).class_frequencies_cache(config.dataset.name)
     if os.path.exists(cache):
         return np.load(cache)
     logging.info("Reading the class frequencies of %s (once; cached in %s)", config.dataset.name, cache)

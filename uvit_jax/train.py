@@ -20,6 +20,7 @@ from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
 from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
+from uvit_jax.rundir import RunDir
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.train_step import State, Trainer, flops_per_image, make_apply, peak_flops_per_device
 from uvit_jax.workdir_lock import WorkdirLock
@@ -30,10 +31,6 @@ RESUME_KEYS = ("nnet", "dataset.name", "dataset.image_size", "schedule", "pred",
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints")
 
 
 def _config_dict(config) -> dict:
@@ -80,7 +77,7 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
     null_cond = cond.null_condition(null_context) if cond.cfg_trained else None
     trainer = Trainer(config, mesh=mesh, null_cond=null_cond)
 
-    ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), save_interval_steps=cfg_t.save_interval,
+    ckpt = checkpoint.Checkpointer(RunDir(workdir).checkpoints, save_interval_steps=cfg_t.save_interval,
                                    max_to_keep=cfg_t.max_to_keep)
     restored = ckpt.restore_latest(trainer.abstract_with_shardings())
     best = None  # {"step", "fid"}: the lowest FID during training; its checkpoint outlives max_to_keep
@@ -106,7 +103,7 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
         return state
     if parallel.is_main_process():
         os.makedirs(workdir, exist_ok=True)
-        files.write_json(os.path.join(workdir, "config.json"), _config_dict(config))
+        files.write_json(RunDir(workdir).config, _config_dict(config))
     n_params = models.count_params(dict(config.nnet))
     logging.info("%s at step %d of %d: %s parameters, global batch %d on %d devices",
                  "Resuming" if start_step else "Starting", start_step, cfg_t.n_steps, f"{n_params:,}",
@@ -189,7 +186,7 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
                         best = {"step": step, "fid": fid}
                         ckpt.protect_step(step)  # outlives max_to_keep; sample mode picks it by default
                         if parallel.is_main_process():
-                            files.write_json(os.path.join(workdir, "eval", "best.json"), best)
+                            files.write_json(RunDir(workdir).best_record, best)
                 clock.resume()
             if stop:
                 stop_reason = f"Preemption requested: saved step {step}; run the same command again to resume."
@@ -202,7 +199,7 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
         batches.close()
         writer.flush()
     logging.info(stop_reason or f"Training done at step {step}. Checkpoints: {ckpt.directory}; grids: "
-                                f"{grid.dir if grid.enabled else '(off: no autoencoder weights)'}; TensorBoard: "
+                                f"{grid.run.grids if grid.enabled else '(off: no autoencoder weights)'}; TensorBoard: "
                                 f"tensorboard --logdir {workdir}")
     return state
 
@@ -212,7 +209,7 @@ class _GridWriter:
     configs decode through the autoencoder; text models draw the first validation captions of sample mode."""
 
     def __init__(self, config, workdir, info, trainer: Trainer, cond: Conditioning, null_context):
-        self.config, self.dir = config, os.path.join(workdir, "grids")
+        self.config, self.run = config, RunDir(workdir)
         self.enabled, self.decode = True, None
         if latent.is_latent(config):
             try:
@@ -243,7 +240,7 @@ class _GridWriter:
         x = self.fn(ema_params, self.key, self.cond)
         x = parallel.gather_to_host(self.decode(x) if self.decode else x)
         if parallel.is_main_process():
-            os.makedirs(self.dir, exist_ok=True)
-            path = os.path.join(self.dir, f"step_{step:08d}.png")
+            path = self.run.grid(step)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             images.save_grid(images.to_uint8(x[: self.config.sample.grid_size]), path, self.ncols)
             logging.info("Wrote sample grid %s", path)

@@ -25,7 +25,7 @@ import jax
 from absl import logging
 from etils import epath
 
-_LOCK_NAME = ".lock"
+from uvit_jax.rundir import RunDir
 
 
 class WorkdirLockedError(RuntimeError):
@@ -89,7 +89,7 @@ class WorkdirLock:
                              f" for {workdir}")
         self.workdir = workdir
         self.method = method
-        self.path = epath.Path(workdir) / _LOCK_NAME
+        self.path = epath.Path(RunDir(workdir).lock)
         self._fd: int | None = None
         self._record: dict | None = None
         self._passive = False  # a process of a multi-process run other than 0
