@@ -25,6 +25,7 @@ from uvit_jax.checkpoint import CheckpointCorruptError, CheckpointSaveError, Che
 from uvit_jax.convert import pth
 from uvit_jax.parallel import make_mesh
 from uvit_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+from helpers import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -418,6 +419,106 @@ def test_a_stale_owner_record_is_taken_over_and_a_live_one_is_refused(tmp_path, 
             (tmp_path / ".lock").unlink()
             with pytest.raises(WorkdirLockedError, match="was removed or taken over"):
                 lock.check()
+
+
+_LOCK_FIRST_RECORD_LATE = textwrap.dedent("""
+    import fcntl, json, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("LOCKED", flush=True)  # a winner between its flock and its owner record
+    time.sleep(0.5)
+    os.pwrite(fd, json.dumps({"host": "h", "pid": os.getpid(), "since": "then"}).encode(), 0)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling_symlink", "hardlink", "directory", "fifo"])
+def test_a_planted_lock_file_is_refused_and_nothing_is_written_through_it(tmp_path, kind):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    lock_path = run / ".lock"
+    {"symlink": lambda: lock_path.symlink_to(victim), "dangling_symlink": lambda: lock_path.symlink_to(tmp_path / "x"),
+     "hardlink": lambda: os.link(victim, lock_path), "directory": lock_path.mkdir,
+     "fifo": lambda: os.mkfifo(lock_path)}[kind]()
+    what = {"symlink": "a symbolic link", "dangling_symlink": "a symbolic link", "hardlink": "a hard link",
+            "directory": "a directory", "fifo": "a FIFO"}[kind]
+    with pytest.raises(WorkdirLockedError, match=f"lock file {lock_path} is {what}.*remove it"):
+        WorkdirLock(run).acquire()
+    assert victim.read_text() == "precious\n"  # on main the symlink's target got the lock's JSON
+    assert not (tmp_path / "x").exists()
+    assert sorted(os.listdir(run)) == [".lock"]
+
+
+def test_a_reused_pid_is_reported_as_such_not_as_gone(tmp_path, caplog):
+    import socket
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from uvit_jax.workdir_lock import _process_start
+        start = _process_start(child.pid)
+        record = {"host": socket.gethostname(), "pid": child.pid, "pid_start": start - 1, "since": "then",
+                  "token": "x"}
+        for method in ("flock", "record"):
+            (tmp_path / ".lock").write_text(json.dumps(record))
+            caplog.clear()
+            with caplog.at_level("WARNING"), WorkdirLock(tmp_path, method=method):
+                pass
+            lines = [r.getMessage() for r in caplog.records if "stale lock" in r.getMessage()]
+            assert len(lines) == 1, (method, lines)
+            assert f"pid {child.pid} is alive but is another process" in lines[0] and "reused" in lines[0]
+            assert "gone" not in lines[0]
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+
+
+def test_a_run_that_loses_the_race_names_the_winner(tmp_path):
+    lock_path = tmp_path / ".lock"
+    child = subprocess.Popen([sys.executable, "-c", _LOCK_FIRST_RECORD_LATE, str(lock_path)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(WorkdirLockedError) as e:  # main said "an unknown process (no owner record)"
+            WorkdirLock(tmp_path).acquire()
+        assert f"pid {child.pid} since then" in str(e.value)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+
+
+def test_two_workdirs_sharing_a_checkpoint_directory_through_a_link_do_not_both_write(digits_dir, tmp_path):
+    from uvit_jax import train
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "checkpoints").mkdir(parents=True)
+    second.mkdir()
+    (second / "checkpoints").symlink_to(first / "checkpoints")
+    config = load_config("test_tiny")
+    config.dataset.data_dir, config.train.n_steps = digits_dir, 2
+    with WorkdirLock(first):  # a run in `first`
+        with pytest.raises(WorkdirLockedError, match=f"writes into {first} through a link.*in use by another run"):
+            train.train_and_evaluate(config, str(second))  # on main it trained and saved into first/checkpoints
+    assert os.listdir(first / "checkpoints") == []
+    with WorkdirLock(second) as lock:  # alone it may
+        lock.check()
+        assert (first / ".lock").exists() and (second / ".lock").exists()
+    assert not (first / ".lock").exists() and not (second / ".lock").exists()
+
+
+def test_a_network_filesystem_is_named_at_start(tmp_path, monkeypatch, caplog):
+    from uvit_jax import workdir_lock
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path} nfs4 rw 0 0\n")
+    monkeypatch.setattr(workdir_lock, "_MOUNTS", str(mounts))
+    with caplog.at_level("WARNING"), WorkdirLock(tmp_path / "run"):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "on a nfs4 filesystem" in lines[0] and "flock" in lines[0], lines
+    caplog.clear()
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 {tmp_path} ext4 rw 0 0\n")
+    with caplog.at_level("WARNING"), WorkdirLock(tmp_path / "run"):
+        pass
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 # ---------------------------------------------------------------------------------------- hostile data files
