@@ -12,6 +12,7 @@ from flax import nnx, traverse_util
 from PIL import Image
 
 import standin_features
+from test_files import dead_pid
 from test_main import one_line_error, run_main
 from uvit_jax import data, eval_mode, evaluate, extract, latent, parallel, preemption, sample, train
 from uvit_jax.config import base_config
@@ -182,8 +183,12 @@ def test_imagenet_from_raw_images_to_fid(assets, tmp_path, monkeypatch):
     with pytest.raises(data.DatasetNotPreparedError, match="incomplete"):
         data.dataset_info(config.dataset)
     first_shard = os.path.getmtime(features.shard_file(feats, "train", "moments", 0))
+    # A writer killed mid-shard left its temporary file (up to a shard's size): the rerun removes it.
+    leftover = os.path.join(feats, "train", f"moments-00001.tmp-{dead_pid()}.npy")
+    open(leftover, "wb").write(b"partial shard")
     monkeypatch.undo()
     assert extract.run(config, workdir) == feats
+    assert not os.path.exists(leftover)
     assert os.path.getmtime(features.shard_file(feats, "train", "moments", 0)) == first_shard  # not redone
 
     # An uninterrupted extraction through main.py writes the same files, byte for byte.

@@ -278,6 +278,10 @@ def run(config, workdir: str) -> str | None:
     if name == "mscoco_latents":
         text = latent.make_text_encoder(config, mesh)
     batch = parallel.padded_size(config.extract.batch_size)
+    if parallel.is_main_process() and os.path.isdir(out):
+        removed = files.remove_dead_leftovers(out)
+        if removed:
+            logging.info("Removed %d leftover(s) of interrupted writes in %s, e.g. %s", len(removed), out, removed[0])
     steps = itertools.count()  # preemption sync points increase across splits
     with preemption.sigterm_guard():
         if text is not None:
