@@ -356,3 +356,15 @@ def test_benchmark_time_budget_skips_rows(fakes, tmp_path):
     assert r.returncode == 1
     assert r.stdout.count("skipped (time budget)") == 2 * 3  # announced, then in the table, for each model
     assert "| H/2 | auto | ok |" in r.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REPO, ".git")) and not os.path.isfile(os.path.join(REPO, ".git")),
+                    reason="not a git checkout")
+def test_weights_are_left_out_of_the_tree_the_tpu_launcher_copies():
+    """tpu_pod.sh tars `git ls-files --cached --others --exclude-standard`: downloaded weights must not ride along."""
+    weights = ["assets/stable-diffusion/autoencoder_kl.pth", "assets/fid_stats/fid_stats_imagenet256.npz",
+               "clip/model.safetensors", "imagenet256_uvit_huge.pth", "runs/x/last.ckpt"]
+    kept = ["tests/fixtures/uvit_torch_legacy.pth", "uvit_jax/train.py"]
+    r = subprocess.run(["git", "-C", REPO, "check-ignore", "--no-index", *weights, *kept], capture_output=True,
+                       text=True)
+    assert sorted(r.stdout.split()) == sorted(weights)
