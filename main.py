@@ -8,9 +8,10 @@
     python main.py --config configs/X.py --workdir W --mode extract                      # latent features
 
 Any config value can be overridden: --config.train.batch_size=256. Unknown keys and invalid values stop before
-JAX starts, in one line. Launched as several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID, or the flags below, or UVIT_DISTRIBUTED=1 on TPU pods and SLURM), it initialises jax.distributed
-first; a single process needs nothing.
+JAX starts, in one line. SIGTERM or Ctrl-C saves at the next step and exits 0 (during start-up it exits at once,
+with a line; a second Ctrl-C exits at once without saving). Launched as several processes (JAX_COORDINATOR_ADDRESS
+/ JAX_NUM_PROCESSES / JAX_PROCESS_ID, or the flags below, or UVIT_DISTRIBUTED=1 on TPU pods and SLURM), it
+initialises jax.distributed first; a single process needs nothing.
 """
 import ast
 import os
@@ -81,6 +82,8 @@ def main(argv):
     if flags.FLAGS.verbosity < 1:
         from uvit_jax import checkpoint
         checkpoint.quiet_orbax_logging()
+    from uvit_jax import preemption
+    preemption.exit_on_stop_signals()  # until a loop takes over: a stop signal ends start-up in one line
     try:
         import jax
         from uvit_jax import parallel

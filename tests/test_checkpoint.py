@@ -283,7 +283,7 @@ _CHILD = textwrap.dedent("""
     ckpt = Checkpointer(sys.argv[1], save_interval_steps=1000)
     state = {"step": jnp.asarray(0, jnp.int32), "params": {"w": jnp.zeros((4, 4))}}
     bump = jax.jit(lambda s: {"step": s["step"] + 1, "params": {"w": s["params"]["w"] + 1.0}})
-    with preemption.sigterm_guard():
+    with preemption.stop_guard():
         for step in range(1, 100000):
             state = bump(state)
             ckpt.check_health()
@@ -324,11 +324,11 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full((4, 4), step, np.float32))
 
 
-def test_sigterm_guard_sets_the_flag_and_restores_the_handler():
+def test_stop_guard_sets_the_flag_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
     preemption.reset_preemption_request()
     try:
-        with preemption.sigterm_guard():
+        with preemption.stop_guard():
             assert not preemption.should_stop(1)
             os.kill(os.getpid(), signal.SIGTERM)
             assert preemption.preemption_requested() and preemption.should_stop(2)

@@ -649,3 +649,68 @@ def test_sigkill_during_a_save_resumes_bit_for_bit(digits_dir, tmp_path):
     assert f"step {n}" in where
     for a, b in zip(jax.tree.leaves(straight["ema_params"]), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------------ interrupts
+
+
+def _main_until(args, line_marker, sig, timeout=240):
+    """Run main.py, send `sig` when a stderr line contains `line_marker`; returns (returncode, stderr)."""
+    env = dict(ENV, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    child = subprocess.Popen([sys.executable, "main.py", *args], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in child.stderr:
+            lines.append(line)
+            if line_marker in line:
+                child.send_signal(sig)
+                break
+        lines += child.communicate(timeout=timeout)[1].splitlines(keepends=True)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    return child.returncode, "".join(lines)
+
+
+def test_ctrl_c_saves_at_the_next_step_and_sigterm_at_start_up_says_so(digits_dir, tmp_path):
+    """Ctrl-C mid-run saves the next step and exits 0 (main: a KeyboardInterrupt traceback, up to save_interval steps
+    lost); SIGTERM during sample mode's start-up ends in one line (main: rc -15, nothing said)."""
+    workdir = str(tmp_path / "w")
+    common = ["--config", "configs/test_tiny.py", "--workdir", workdir, f"--config.dataset.data_dir={digits_dir}"]
+    rc, err = _main_until([*common, "--config.train.n_steps=1000", "--config.train.save_interval=1000",
+                           "--config.train.eval_interval=1000", "--config.train.log_interval=1"],
+                          "step 1/1000", signal.SIGINT)
+    assert rc == 0 and "Traceback" not in err, err[-3000:]
+    assert "SIGINT: stopping at the next step" in err and "Preemption requested: saved step" in err, err[-3000:]
+    steps = [int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit()]
+    assert len(steps) == 1 and 1 <= steps[0] < 1000
+
+    rc, err = _main_until([*common, "--mode", "sample", "--config.sample.n_samples=16"], "uvit-jax sample",
+                          signal.SIGTERM)
+    if rc == 0:  # the signal came after start-up: the sampling loop stopped at its next batch, as a preemption
+        assert "Preemption requested" in err, err[-3000:]
+    else:
+        assert rc == 128 + signal.SIGTERM and "Traceback" not in err, (rc, err[-3000:])
+        lines = [l for l in err.splitlines() if "error:" in l]
+        assert len(lines) == 1 and "stopped by SIGTERM during start-up" in lines[0], err[-3000:]
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line():
+    script = textwrap.dedent("""
+        import os, signal, time
+        from uvit_jax import preemption
+        with preemption.stop_guard():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert preemption.should_stop(1)  # the first one asks the loop to save and stop
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        print("not stopped")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, cwd=REPO,
+                          timeout=60)
+    assert done.returncode == 128 + signal.SIGINT and "not stopped" not in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [l for l in done.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and "Ctrl-C again: stopped at once without saving" in errors[0], done.stderr

@@ -283,7 +283,7 @@ def run(config, workdir: str) -> str | None:
         if removed:
             logging.info("Removed %d leftover(s) of interrupted writes in %s, e.g. %s", len(removed), out, removed[0])
     steps = itertools.count()  # preemption sync points increase across splits
-    with preemption.sigterm_guard():
+    with preemption.stop_guard():
         if text is not None:
             _empty_context(out, text, config, batch)
         for split in splits:

@@ -143,7 +143,7 @@ def sample_to_dir(config, workdir: str) -> str:
         logging.info("%s keeps no caption texts (official feature folder): recording caption_index only",
                      config.dataset.path)
     t0, made, written = time.time(), 0, 0
-    with preemption.sigterm_guard():
+    with preemption.stop_guard():
         for i in todo:
             if preemption.should_stop(i):
                 logging.info("Preemption requested: stopped after %d batches; run again to resume", made)

@@ -66,7 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     info = data.dataset_info(config.dataset)  # a missing dataset stops here, before anything is written
     # One writer per workdir (process 0 holds the lock for all processes of the run).
-    with WorkdirLock(workdir) as lock, preemption.sigterm_guard():
+    with WorkdirLock(workdir) as lock, preemption.stop_guard():
         return _train(config, workdir, info, lock, eval_callback, mesh)
 
 
