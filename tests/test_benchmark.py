@@ -85,7 +85,7 @@ def test_fsdp_gathers_kernels_not_activations(monkeypatch):
     config.nnet.depth, config.mesh.fsdp = 2, 8
     assert _activation_all_gathers(config) == []
     from uvit_jax import parallel
-    monkeypatch.setattr(parallel, "constrain_batch", lambda x: x)
+    monkeypatch.setattr(parallel, "activation_sharding", lambda mesh: None)  # the rule switched off
     assert len(_activation_all_gathers(config)) > 5
 
 
@@ -102,11 +102,11 @@ def test_sampler_with_fsdp_sharded_params_equals_replicated():
     config.sample.algorithm, config.sample.sample_steps = "dpm_solver", 4
     nnet = dict(config.nnet)
     params = jax.jit(lambda k: models.init_params(nnet, k))(jax.random.key(0))
-    fn = generate.make_generate_from_config(config, make_apply(config), image_shape=image_shape(config))
     labels = jax.numpy.arange(16) % 10
     out = {}
     for fsdp in (1, 8):
         mesh = parallel.make_mesh(fsdp)
+        fn = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=image_shape(config))
         sharded = jax.device_put(params, parallel.tree_param_shardings(params, mesh))
         out[fsdp] = generate.jit_generate(fn, 16, mesh)(sharded, jax.random.key(1), labels)
         assert out[fsdp].sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)

@@ -127,7 +127,7 @@ def make_training_fid_callback(config, workdir: str):
     texts = latent.TextConditions(config, "val") if cond.kind == "text" else None
     null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
     fn = generate.make_generate_fn(
-        make_apply(config), diffusion.make_schedule(config.schedule), algorithm=sampler["algorithm"],
+        make_apply(config, mesh=mesh), diffusion.make_schedule(config.schedule), algorithm=sampler["algorithm"],
         steps=sampler["steps"], image_shape=info["image_shape"], method=sampler["method"], order=sampler["order"],
         skip_type=sampler["skip_type"], scale=sampler["scale"],
         null_cond=cond.null_condition(null_context) if sampler["scale"] > 0 else None)

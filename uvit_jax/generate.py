@@ -61,6 +61,7 @@ def make_generate_from_config(config, apply: Callable, *, image_shape: tuple[int
 
 def jit_generate(generate: Callable, batch_size: int, mesh) -> Callable:
     """`generate` (from make_generate_fn) jitted as `gen(params, key, cond)` for `batch_size` images split over
-    `mesh` by batch, its activations pinned to that split when the parameters are sharded (FSDP)."""
-    fn = parallel.with_batch_sharded_activations(lambda p, k, c: generate(p, k, c, batch_size=batch_size), mesh)
-    return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
+    `mesh` by batch. With sharded parameters (FSDP), build its network with the same mesh
+    (`train_step.make_apply(config, mesh=mesh)`), which pins the activations to that split."""
+    return jax.jit(lambda p, k, c: generate(p, k, c, batch_size=batch_size),
+                   out_shardings=parallel.batch_sharding(mesh))

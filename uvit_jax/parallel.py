@@ -6,10 +6,8 @@ over both axes together.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -64,42 +62,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXES))
 
 
-_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
-
-
-@contextlib.contextmanager
-def batch_sharded_activations(mesh: Mesh) -> Iterator[None]:
-    """While a function is traced inside this context, `constrain_batch` pins activations to the batch sharding.
+def activation_sharding(mesh: Mesh | None) -> NamedSharding | None:
+    """The FSDP rule for activations: when `mesh` shards parameters (fsdp > 1), every Linear's output keeps its
+    leading (batch) axis split over all devices; None (no constraint) otherwise. An argument of the network's
+    apply function (`models.make_apply`), built once with the mesh.
 
     Needed with FSDP: a Linear's input is split over `fsdp` by batch and its kernel over `fsdp` by features, and
     left alone XLA's partitioner often all-gathers the activations (8x the batch on every device) instead of the
     kernel: U-ViT-L/2 at batch 128 per device on 8 devices, 10.0 GiB per device against 8.3 GiB pinned."""
-    token = _ACTIVATION_MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _ACTIVATION_MESH.reset(token)
-
-
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """`x` with its leading (batch) axis split over every device of the mesh set by `batch_sharded_activations`;
-    unchanged outside it."""
-    mesh = _ACTIVATION_MESH.get()
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXES, *([None] * (x.ndim - 1)))))
-
-
-def with_batch_sharded_activations(fn, mesh: Mesh):
-    """`fn` traced inside `batch_sharded_activations(mesh)` when the mesh shards parameters (fsdp > 1); else `fn`.
-    Wrap what goes to jax.jit: the train step and every sampler."""
-    if mesh.shape["fsdp"] == 1:
-        return fn
-
-    def wrapped(*args, **kwargs):
-        with batch_sharded_activations(mesh):
-            return fn(*args, **kwargs)
-    return wrapped
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return None
+    return batch_sharding(mesh)
 
 
 def param_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2 ** 16) -> NamedSharding:

@@ -129,7 +129,7 @@ def sample_to_dir(config, workdir: str) -> str:
     batch = parallel.padded_size(config.sample.mini_batch_size)
     n_total = int(config.sample.n_samples)
     n_batches = math.ceil(n_total / batch)
-    fn = generate.make_generate_from_config(config, make_apply(config), image_shape=image_shape(config),
+    fn = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=image_shape(config),
                                             null_context=null_context)
     gen = generate.jit_generate(fn, batch, mesh)
     if parallel.is_main_process():
@@ -200,7 +200,7 @@ def sample_prompts(config, workdir: str) -> str:
     contexts, null_context = encoded[:-1], encoded[-1]
     decode = latent.make_decoder(config, mesh)
     batch = parallel.padded_size(config.sample.mini_batch_size)
-    fn = generate.make_generate_from_config(config, make_apply(config), image_shape=image_shape(config),
+    fn = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=image_shape(config),
                                             null_context=null_context)
     gen = generate.jit_generate(fn, batch, mesh)
     logging.info("Sampling %d prompts from %s (%s, %d steps, scale %s)", len(prompts), source,

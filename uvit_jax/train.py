@@ -229,7 +229,8 @@ class _GridWriter:
             except data.DatasetNotPreparedError:  # no validation split extracted: training captions
                 texts = latent.TextConditions(config, "train")
             self.cond = latent.host_to_global(texts.batch(0, self.n)["context"], trainer.mesh)
-        fn = generate.make_generate_from_config(config, make_apply(config), image_shape=info["image_shape"],
+        fn = generate.make_generate_from_config(config, make_apply(config, mesh=trainer.mesh),
+                                                image_shape=info["image_shape"],
                                                 steps=config.sample.grid_steps, null_context=null_context)
         self.fn = generate.jit_generate(fn, self.n, trainer.mesh)
         self.key = rng.stream_key(config.seed, rng.GRID)

@@ -31,13 +31,16 @@ def compute_dtype(config) -> jnp.dtype:
     return jnp.dtype(config.dtype)
 
 
-def make_apply(config, *, training: bool = False) -> Callable[..., jax.Array]:
+def make_apply(config, *, training: bool = False, mesh=None) -> Callable[..., jax.Array]:
     """`apply(params, x, t, cond)` of the config's network with the attention kernel that `config.attention`
     resolves to on this backend. Training computes in `config.dtype`; sampling (grids, sample mode, FID) in
-    `config.sample.dtype` (float32 by default: FID runs are not where to save a few percent of time)."""
+    `config.sample.dtype` (float32 by default: FID runs are not where to save a few percent of time).
+    `mesh`: the mesh the function is jitted over, for the FSDP activation rule (parallel.activation_sharding;
+    None: activations unconstrained)."""
     dtype = compute_dtype(config) if training else jnp.dtype(config.sample.dtype)
     return models.make_apply(dict(config.nnet), dtype=dtype, attention_impl=config.attention, training=training,
-                             remat_policy=config.remat_policy, precision=config.precision.to_dict())
+                             remat_policy=config.remat_policy, precision=config.precision.to_dict(),
+                             activation_sharding=parallel.activation_sharding(mesh))
 
 
 def warmup_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
@@ -67,12 +70,13 @@ def ema_update(ema, params, rate: float):
     return jax.tree.map(lambda e, p: e * rate + p * (1.0 - rate), ema, params)
 
 
-def make_loss_fn(config, *, null_cond=None) -> Callable[[Any, dict, jax.Array], jax.Array]:
+def make_loss_fn(config, *, null_cond=None, mesh=None) -> Callable[[Any, dict, jax.Array], jax.Array]:
     """loss(params, batch, key) -> mean noise-prediction loss of one (micro-)batch, as the official code draws it.
 
-    `null_cond` is what a dropped condition becomes (needed when dataset.p_uncond > 0; see conditioning.py).
+    `null_cond` is what a dropped condition becomes (needed when dataset.p_uncond > 0; see conditioning.py);
+    `mesh` the mesh the loss is jitted over (see make_apply).
     """
-    apply = make_apply(config, training=True)
+    apply = make_apply(config, training=True, mesh=mesh)
     schedule = make_schedule(config.schedule)
     cond = Conditioning.from_config(config)
     p_uncond = float(config.dataset.p_uncond) if cond.batch_key else 0.0
@@ -99,7 +103,7 @@ def split_micro_batches(batch: dict, accum: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(config, *, null_cond=None) -> Callable[[State, dict], tuple[State, dict]]:
+def make_train_step(config, *, null_cond=None, mesh=None) -> Callable[[State, dict], tuple[State, dict]]:
     """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings and a donated state.
 
     With grad_accum_steps = A, the gradient is the mean over A micro-batches, micro-batch a drawing its noise from
@@ -108,7 +112,7 @@ def make_train_step(config, *, null_cond=None) -> Callable[[State, dict], tuple[
     tx = make_optimizer(config)
     lr_at = warmup_schedule(config.optimizer.lr, config.lr_scheduler.warmup_steps)
     accum = config.train.grad_accum_steps
-    grad_fn = jax.value_and_grad(make_loss_fn(config, null_cond=null_cond))
+    grad_fn = jax.value_and_grad(make_loss_fn(config, null_cond=null_cond, mesh=mesh))
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         key = rng.stream_key(config.seed, rng.TRAIN, state["step"])
@@ -161,8 +165,7 @@ class Trainer:
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.replicated = parallel.replicated(self.mesh)
         self._init = jax.jit(functools.partial(init_state, config), out_shardings=self.state_sharding)
-        step = parallel.with_batch_sharded_activations(make_train_step(config, null_cond=null_cond), self.mesh)
-        self.step_fn = jax.jit(step,
+        self.step_fn = jax.jit(make_train_step(config, null_cond=null_cond, mesh=self.mesh),
                                in_shardings=(self.state_sharding, self.batch_sharding),
                                out_shardings=(self.state_sharding, self.replicated), donate_argnums=0,
                                compiler_options=compiler_options())

@@ -16,7 +16,7 @@ from clu import parameter_overview
 from flax import nnx
 
 from uvit_jax.models.flops import forward_macs
-from uvit_jax.models.layers import ATTENTION_CHOICES, Precision, resolve_attention
+from uvit_jax.models.layers import ATTENTION_CHOICES, Precision, pin_activations, resolve_attention
 from uvit_jax.models.presets import PRESETS
 from uvit_jax.models.uvit import REMAT_POLICIES, UViT
 from uvit_jax.models.uvit_t2i import UViTT2I
@@ -45,13 +45,14 @@ def nnet_kwargs(nnet: Mapping) -> tuple[type, dict[str, Any]]:
 
 def build_model(nnet: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "auto",
                 training: bool = True, remat_policy: str | None = None, precision: Mapping | None = None,
-                rngs: nnx.Rngs):
+                activation_sharding: jax.sharding.Sharding | None = None, rngs: nnx.Rngs):
     """Construct the UViT / UViTT2I module described by `nnet` (its "name" key selects the class).
 
     attention_impl: the config key `attention` ("auto", "xla", "cudnn", "einsum"), resolved for the default
     backend, `dtype` and whether the network is differentiated (`training`) by `resolve_attention`.
     remat_policy: the config key `remat_policy` ("none", "block", "dots"; None follows nnet.use_checkpoint).
     precision: the config group `precision` (which parts stay float32; layers.Precision; None: its defaults).
+    activation_sharding: what every Linear's output is constrained to (parallel.activation_sharding; None: nothing).
     """
     cls, kwargs = nnet_kwargs(nnet)
     defaults = inspect.signature(cls.__init__).parameters
@@ -59,8 +60,9 @@ def build_model(nnet: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, at
     policy = Precision(**dict(precision or {}))
     impl = resolve_attention(attention_impl, backend=jax.default_backend(),
                              dtype=policy.part_dtype("attention", dtype), training=training, head_dim=dim // heads)
-    return cls(**kwargs, dtype=dtype, param_dtype=param_dtype, attention_impl=impl, remat_policy=remat_policy,
-               precision=policy, rngs=rngs)
+    model = cls(**kwargs, dtype=dtype, param_dtype=param_dtype, attention_impl=impl, remat_policy=remat_policy,
+                precision=policy, rngs=rngs)
+    return pin_activations(model, activation_sharding)
 
 
 def _abstract_model(nnet: Mapping, **kwargs):
@@ -88,7 +90,8 @@ def _leaf_paths(tree) -> set[str]:
 
 
 def make_apply(nnet: Mapping, *, dtype=jnp.float32, attention_impl: str = "auto", training: bool = False,
-               remat_policy: str | None = None, precision: Mapping | None = None) -> Callable[..., jax.Array]:
+               remat_policy: str | None = None, precision: Mapping | None = None,
+               activation_sharding: jax.sharding.Sharding | None = None) -> Callable[..., jax.Array]:
     """Pure function `apply(params, x, t, cond=None) -> eps` for the network `nnet`, computing in `dtype`.
 
     x is NHWC; t (B,) or scalar; cond is the int labels y for class models, the context (B, tokens, clip_dim) for
@@ -96,13 +99,14 @@ def make_apply(nnet: Mapping, *, dtype=jnp.float32, attention_impl: str = "auto"
     with sharded params; the graph definition is built once, here. `attention_impl` is the config key
     `attention`; pass `training=True` for the function the loss differentiates (see `resolve_attention`).
     `remat_policy` is the config key of that name (None follows nnet.use_checkpoint); `precision` the config group
-    (layers.Precision).
+    (layers.Precision); `activation_sharding` the FSDP rule for activations (parallel.activation_sharding(mesh)).
     """
     cls, kwargs = nnet_kwargs(nnet)
     uses_cond = cls is UViTT2I or kwargs.get("num_classes", -1) > 0
     graphdef, abstract_state = nnx.split(_abstract_model(nnet, dtype=dtype, attention_impl=attention_impl,
                                                          training=training, remat_policy=remat_policy,
-                                                         precision=precision))
+                                                         precision=precision,
+                                                         activation_sharding=activation_sharding))
     template = nnx.to_pure_dict(abstract_state)
     structure = jax.tree.structure(template)
 

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from uvit_jax import parallel
-
 LN_EPS = 1e-5  # torch.nn.LayerNorm default (flax's is 1e-6)
 
 
@@ -71,19 +69,32 @@ class KeySeq:
 
 
 class Linear(nnx.Module):
-    """nn.Linear with the U-ViT init: kernel (in, out) trunc-normal std .02 (±2 absolute), bias 0."""
+    """nn.Linear with the U-ViT init: kernel (in, out) trunc-normal std .02 (±2 absolute), bias 0.
+
+    `out_sharding` (static, None by default): the sharding the output is constrained to, set on every Linear of a
+    network by `pin_activations` (parallel.activation_sharding: FSDP gathers the kernel, not the batch)."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype, param_dtype,
                  keys: KeySeq):
         self.dtype = dtype
+        self.out_sharding = None
         self.kernel = nnx.Param(trunc_normal_init()(keys(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Named for remat_policy="dots", which keeps these products and recomputes the rest.
         y = checkpoint_name(_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype)), "linear")
-        y = parallel.constrain_batch(y)  # FSDP: gather the kernel, not the batch (identity unless training sharded)
+        if self.out_sharding is not None:
+            y = jax.lax.with_sharding_constraint(y, self.out_sharding)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def pin_activations(model: nnx.Module, sharding: jax.sharding.Sharding | None) -> nnx.Module:
+    """`model` with every Linear's output constrained to `sharding` (None: unconstrained); returns `model`."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Linear):
+            module.out_sharding = sharding
+    return model
 
 
 def gelu(x: jax.Array) -> jax.Array:
