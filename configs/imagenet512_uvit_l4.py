@@ -2,7 +2,8 @@
 
 Trained on pre-extracted KL-f8 latent moments (4x64x64); 1000 classes + null class 1000 for CFG.
 Schedule "vp" and sampler "dpm_solver" (fast) are what the official README's scripts use for this model
-(the official config file alone doesn't say; UVIT_SPEC.md section 8.5). CFG scale 0.7 (eps = (1+s) eps_c - s eps_u).
+(the official config file alone doesn't say; docs/official_behaviour.md §8 item 5).
+CFG scale 0.7 (eps = (1+s) eps_c - s eps_u).
 """
 from uvit_jax.config import base_config
 from uvit_jax.models.presets import PRESETS

@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices, float32 matmuls at full precision, quiet TensorFlow, malloc as main.py sets it.
+"""Test setup: 8 fake CPU devices, CPU only, quiet TensorFlow, malloc as main.py sets it.
 
 These must be set before JAX initialises its backend, hence at import time of conftest.
 """

@@ -108,9 +108,10 @@ def test_imagenet64_has_no_null_label_and_rejects_guidance():
 
 
 
-# The official evaluation of each row (UVIT_SPEC §2.2, §4, §5): in-training FID sampler (train*.py: 50-step
-# DPM-Solver, guided only in train_t2i_discrete.py) and final sampler (eval*.py). Columns: script pair,
-# (in-training algorithm, method, steps, scale), (final algorithm, method, steps, scale, n_samples, labels).
+# The official evaluation of each row (docs/official_behaviour.md §2, §4, §5): in-training FID sampler
+# (train*.py: 50-step DPM-Solver, guided only in train_t2i_discrete.py) and final sampler (eval*.py). Columns:
+# script pair, (in-training algorithm, method, steps, scale), (final algorithm, method, steps, scale, n_samples,
+# labels).
 OFFICIAL_EVAL = {
     "cifar10_uvit_s2": ("train.py / eval.py", ("dpm_solver", "fast", 50, 0.0),
                         ("euler_maruyama_sde", None, 1000, 0.0, 50_000, None)),

@@ -1,4 +1,4 @@
-"""Noise schedules (UVIT_SPEC.md §3, §5.2-5.3) and the DPM-Solver-fast plans."""
+"""Noise schedules (docs/official_behaviour.md §3, §5.2-5.3) and the DPM-Solver-fast plans."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""DPM-Solver(++) and Euler-Maruyama on the analytic Gaussian model of UVIT_SPEC.md §5.5.
+"""DPM-Solver(++) and Euler-Maruyama on the analytic Gaussian model of docs/official_behaviour.md §5.5.
 
 For data x0 ~ N(mu, s^2 I) the exact noise predictor is eps*(x, t) = sigma_t (x - alpha_t mu) / v_t with
 v_t = alpha_t^2 s^2 + sigma_t^2, and the probability-flow ODE maps x_T affinely:

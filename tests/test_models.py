@@ -24,7 +24,8 @@ TINY = dict(name="uvit", img_size=8, patch_size=2, in_chans=3, embed_dim=32, dep
 
 
 def official_case(name, suffix):
-    """(ctor kwargs, params npz path, NHWC x, t, cond, NHWC reference output) for one ref_data case."""
+    """(ctor kwargs, params npz path, NHWC x, t, cond, NHWC reference output) for one official-output case
+    (tests/fixtures/README.md)."""
     io = np.load(FIX / f"uvit_{name}.io.npz")
     cond = io["y"] if "y" in io.files else io[f"context_{suffix}"]
     nhwc = lambda a: a.transpose(0, 2, 3, 1)

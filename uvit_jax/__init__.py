@@ -1,6 +1,7 @@
 """uvit-jax: U-ViT (Bao et al., CVPR 2023) in JAX/Flax.
 
 Data flows one way: host_malloc (set before JAX starts) -> dataset_specs -> config -> parallel / rng / files /
-rundir / images -> data -> models -> diffusion -> conditioning -> preemption / workdir_lock / checkpoint ->
-train_step -> train -> generate / latent -> sample / eval_mode / extract -> main. A module imports only what is to its left.
+images / console -> rundir -> data -> models -> diffusion -> conditioning -> preemption -> workdir_lock /
+checkpoint -> convert -> train_step -> evaluate -> generate / latent -> train -> sample -> eval_mode / extract ->
+benchmark -> main. A module imports only modules of the groups to its left (tests/test_structure.py checks it).
 """

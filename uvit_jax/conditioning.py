@@ -1,6 +1,7 @@
-"""What a network is conditioned on: the one place that knows (UVIT_SPEC.md §1.1 item 3, §3.3, §8.7).
+"""What a network is conditioned on (docs/official_behaviour.md §1 item 3, §3.3, §8 item 7).
 
-Train, sample, generate, benchmark and convert all ask `Conditioning.from_config(config)` instead of working it out:
+Training, sampling, generation and the benchmark ask `Conditioning.from_config(config)` instead of working it out
+(config.validate checks, before anything runs, that nnet.num_classes fits the dataset and dataset.p_uncond):
   kind          "none" (unconditional), "class" (label token) or "text" (77 CLIP context tokens)
   real_classes  labels to draw for sampling and grids (class models), e.g. 1000 for ImageNet
   null_label    the CFG "unconditional" label: the last embedding, index = real_classes (class models trained

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.name = config_dict.placeholder(str)
     c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the feature dir for latents
     c.dataset.path = config_dict.placeholder(str)  # latent feature dir (official extract scripts' or --mode extract's)
-    # Pixel datasets: None takes the dataset's own default (uvit_jax/data/datasets.py PIXEL_DATASETS).
+    # Pixel datasets: None takes the dataset's own default (uvit_jax/dataset_specs.py PIXEL_DATASETS).
     c.dataset.image_size = config_dict.placeholder(int)
     c.dataset.random_flip = config_dict.placeholder(bool)
     c.dataset.cache_gb = DEFAULT_CACHE_GB  # keep decoded pixel splits up to this size in memory (0: never)
@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.skip_type = "logSNR"
     c.sample.thresholding = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel space; off officially)
     c.sample.path = config_dict.placeholder(str)  # where sample mode writes; default WORKDIR/samples
-    # Sample from a converted official checkpoint (python -m uvit_jax.convert ... --output DIR) instead of the
+    # Sample from a converted official checkpoint (main.py --mode convert writes WORKDIR/converted) instead of the
     # EMA params of WORKDIR's newest checkpoint.
     c.sample.params_dir = config_dict.placeholder(str)
     # Which checkpoint of the workdir sample mode uses: "best" (lowest FID during training, W/eval/best.json; the

@@ -2,8 +2,8 @@
 
 `evaluate_workdir` scores WORKDIR/samples (FID, sFID, IS, precision, recall) against the config's reference
 statistics and writes WORKDIR/eval/metrics_<time>.json. `make_training_fid_callback` computes FID-n of the EMA
-params at save steps, as the official training scripts do (UVIT_SPEC.md §4), into WORKDIR/eval/fid_<step>.json,
-from which the training loop keeps WORKDIR/eval/best.json.
+params at save steps into WORKDIR/eval/fid_<step>.json, from which the training loop keeps WORKDIR/eval/best.json,
+as the official training scripts do (docs/official_behaviour.md §4).
 """
 from __future__ import annotations
 
@@ -101,9 +101,9 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
 
 def training_fid_sampler(config) -> dict:
-    """The sampler the official training scripts use for FID-10k (UVIT_SPEC.md §4): a 50-step DPM-Solver
-    (continuous: noise form, logSNR "fast"; discrete: DPM-Solver++ on the time-uniform grid), guided only for
-    text-to-image (train_t2i_discrete.py), whatever the config's final sampler is."""
+    """The sampler the official training scripts use for FID-10k (docs/official_behaviour.md §4): a 50-step
+    DPM-Solver (continuous: noise form, logSNR "fast"; discrete: DPM-Solver++ on the time-uniform grid), guided
+    only for text-to-image (train_t2i_discrete.py), whatever the config's final sampler is."""
     if config.schedule == "vp":
         s = dict(algorithm="dpm_solver", method="fast", skip_type="logSNR")
     else:

@@ -1,6 +1,6 @@
 """--mode extract: raw images (+ captions) -> the latent datasets the ImageNet 256/512 and MS-COCO configs train on.
 
-What is computed is what the official scripts compute (UVIT_SPEC.md §6.2-6.4):
+What is computed is what the official scripts compute (docs/official_behaviour.md §6.2-6.4):
   imagenet_latents (extract_imagenet_feature.py): ADM `center_crop_arr` at extract.resolution, each image AND its
     mirror -> KL-f8 moments [mean | logvar], with the label (index of the sorted synset names): 2 x N examples.
   mscoco_latents (extract_mscoco_feature.py, extract_empty_feature.py): centre square crop -> Lanczos resize ->

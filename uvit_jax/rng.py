@@ -14,7 +14,6 @@ GRID = 3  # training-time sample grids (fixed across steps, so grids are compara
 FID = 4  # FID during training (index: step, then batch)
 SAMPLE = 5  # sample mode: noise of batch i
 LABELS = 6  # sample mode / FID: class labels of batch i
-DATA = 7  # the input pipeline's shuffles and flips (integer stream numbers of data.preprocess.example_bits)
 
 
 def stream_key(seed: int, stream: int, *indices) -> jax.Array:

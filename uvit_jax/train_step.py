@@ -22,7 +22,7 @@ from uvit_jax.models.autoencoder import posterior_sample
 
 State = dict
 
-# Dense bf16 peak FLOP/s per chip, for MFU (ANCHORS_RESULTS.md 3d). Unknown devices report no MFU.
+# Dense bf16 peak FLOP/s per chip, for MFU (sources in docs/published_numbers.md). Unknown devices report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v3": 123e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6": 918e12}
 

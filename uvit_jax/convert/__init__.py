@@ -1,4 +1,4 @@
-"""Official PyTorch U-ViT checkpoints <-> our parameters. CLI: `python -m uvit_jax.convert --help`."""
+"""Official PyTorch U-ViT checkpoints <-> our parameters. CLI: `python main.py --mode convert` (see main.py)."""
 from uvit_jax.convert.autoencoder import autoencoder_from_official, autoencoder_to_official
 from uvit_jax.convert.clip_text import clip_text_from_hf
 from uvit_jax.convert.pth import load_state_dict, load_torch_file, save_torch_file

@@ -1,4 +1,4 @@
-"""KL-f8 autoencoder checkpoints <-> our `FrozenAutoencoderKL`, without torch (UVIT_SPEC.md §6.2-6.3).
+"""KL-f8 autoencoder checkpoints <-> our `FrozenAutoencoderKL`, without torch (docs/official_behaviour.md §6.2-6.3).
 
 Two layouts are read:
 - CompVis / U-ViT (`assets/stable-diffusion/autoencoder_kl.pth`, `autoencoder_kl_ema.pth`): our attribute paths

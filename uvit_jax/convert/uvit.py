@@ -1,4 +1,4 @@
-"""Official U-ViT state dicts (PyTorch names and layouts) <-> our parameters (UVIT_SPEC.md §7).
+"""Official U-ViT state dicts (PyTorch names and layouts) <-> our parameters (docs/official_behaviour.md §7).
 
 Our module attributes carry the official names, so a parameter path maps to an official key by joining with "."
 and renaming the leaf (kernel/scale/embedding -> weight); the only other rename is the optional time MLP
@@ -141,7 +141,7 @@ def params_to_official(params: Mapping, nnet: Mapping | None = None) -> dict[str
 
 
 def _split_official_kwargs(kwargs: dict) -> dict:
-    """Official constructor kwargs (as in ref_data manifest.json) -> nnet dict; "clip_dim" means the text model."""
+    """Official constructor kwargs (as in tests/fixtures/uvit_manifest.json) -> nnet dict; "clip_dim" means text."""
     nnet = dict(kwargs)
     nnet.setdefault("name", "uvit_t2i" if "clip_dim" in nnet else "uvit")
     return nnet

@@ -1,14 +1,15 @@
 """TFDS pixel datasets read by random access (array_record), never downloaded.
 
-| name           | TFDS split | geometry (UVIT_SPEC.md §6.1)                                | flip default | labels |
+| name           | TFDS split | geometry (official `datasets.py`)                           | flip default | labels |
 |----------------|------------|-------------------------------------------------------------|--------------|--------|
 | uvit_digits    | train      | 28x28x1, centred on image_size (default 32, black border), or box-downsampled below 28 | off          | 10     |
 | cifar10        | train      | 32x32x3 as is (image_size must be 32)                       | on           | 10     |
 | celeb_a        | train      | crop box top 57 left 25 128x128 -> bilinear resize (64)     | on (always in the official code) | none |
 | imagenet2012   | train      | ADM center_crop_arr to image_size (64)                      | on           | 1000   |
 
-cifar10 labels are yielded although the official CIFAR-10 model is unconditional; the config decides whether to
-use them. TFDS imagenet2012 labels are the sorted synset ids, the same order as the official sorted folder names.
+Geometry and flips as the official pipelines (docs/official_behaviour.md §6.1). cifar10 labels are yielded
+although the official CIFAR-10 model is unconditional; the config decides whether to use them. TFDS imagenet2012
+labels are the sorted synset ids, the same order as the official sorted folder names.
 
 Reading needs the array_record format (random access is what makes batches a pure function of the step). A
 missing dataset, or one prepared as tfrecord (the `tfds build` default), is reported at once with the command

@@ -1,4 +1,4 @@
-"""Readers for the official pre-extracted latent datasets (UVIT_SPEC.md §6.2, §6.4), converted to NHWC.
+"""Readers for the official pre-extracted latent datasets (docs/official_behaviour.md §6.2, §6.4), converted to NHWC.
 
 ImageNet 256/512 (`scripts/extract_imagenet_feature.py`): a directory of `{idx}.npy`, idx = 0..N-1, each a pickled
 pair (moments float32 (8, h, w), label); N = 2 x 1,281,167 (every image and its mirror, so no flip at train time).

@@ -1,4 +1,4 @@
-"""Per-example image preprocessing of the official pipelines (UVIT_SPEC.md §6.1), in numpy + PIL, NHWC.
+"""Per-example image preprocessing of the official pipelines (docs/official_behaviour.md §6.1), in numpy + PIL, NHWC.
 
 Geometry works on uint8 HWC arrays; `to_float` maps to [-1, 1] last. Randomness is not drawn here: callers pass
 the decision (e.g. `flip`), derived from (seed, example position) by `example_bits`, so results are reproducible.

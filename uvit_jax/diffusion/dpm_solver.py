@@ -1,4 +1,6 @@
-"""DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), one jitted `lax.scan` (UVIT_SPEC.md §5.2-5.4).
+"""DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), one jitted `lax.scan`.
+
+The official `dpm_solver_pytorch.py` and `dpm_solver_pp.py` (docs/official_behaviour.md §5.2-5.4).
 
 Every method is compiled to the same loop: a table with one row per network evaluation (NFE). Row n holds the
 evaluation time tau_n, the input coefficients (the model input is a linear combination of the current state x and

@@ -1,4 +1,6 @@
-"""Euler-Maruyama for the reverse VP SDE, or Euler for its probability-flow ODE (`sde.py`, UVIT_SPEC.md §5.1)."""
+"""Euler-Maruyama for the reverse VP SDE, or Euler for its probability-flow ODE.
+
+The official `sde.py` (docs/official_behaviour.md §5.1)."""
 from __future__ import annotations
 
 import functools

@@ -48,9 +48,10 @@ class _Guided:
 def cfg(net_fn: Callable, scale: float, null_cond: Any) -> Partial:
     """Classifier-free guidance: `guided_fn(x, net_time, cond) = (1 + scale) eps(x, t, cond) - scale eps(x, t, null)`.
 
-    The official code's convention (UVIT_SPEC.md §3.3; "w = 1 + scale"). Computed in ONE forward pass over a doubled
-    batch (each sample's conditional and unconditional rows interleaved), instead of the official two passes; the
-    result is the same per-sample. `scale == 0` calls `net_fn` once on the plain batch (no doubling).
+    The official code's convention (docs/official_behaviour.md §3.3; "w = 1 + scale"). Computed in ONE forward
+    pass over a doubled batch (each sample's conditional and unconditional rows interleaved), instead of the
+    official two passes; the result is the same per-sample. `scale == 0` calls `net_fn` once on the plain batch (no
+    doubling).
     `null_cond` is the null label (a scalar index, e.g. 1000) or the empty context (shape `cond.shape[1:]`); it is
     broadcast over the batch. `net_fn(x, net_time, cond)` may be a `Partial` carrying parameters.
     """

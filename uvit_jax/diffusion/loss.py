@@ -1,4 +1,4 @@
-"""The noise-prediction training loss with classifier-free-guidance label dropping (UVIT_SPEC.md §3)."""
+"""The noise-prediction training loss with classifier-free-guidance label dropping (docs/official_behaviour.md §3)."""
 from __future__ import annotations
 
 from typing import Any, Callable

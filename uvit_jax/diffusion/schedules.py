@@ -1,4 +1,6 @@
-"""Noise schedules: the continuous VP SDE and the discrete Stable-Diffusion schedule (UVIT_SPEC.md §3, §5).
+"""Noise schedules: the continuous VP SDE and the discrete Stable-Diffusion schedule.
+
+The official `sde.py`, `dpm_solver_pytorch.py` and `dpm_solver_pp.py` (docs/official_behaviour.md §3, §5).
 
 Both expose the same interface over the solvers' continuous time t in [0, 1], vectorised (numpy in -> numpy out,
 which the samplers use to build their static plans in float64; jax arrays / tracers in -> jnp):

@@ -1,5 +1,5 @@
 """The Stable-Diffusion KL-f8 autoencoder: official `libs/autoencoder.py` `FrozenAutoencoderKL` (the CompVis LDM
-Encoder/Decoder; UVIT_SPEC.md §6.2-6.3), frozen, in Flax NNX.
+Encoder/Decoder; docs/official_behaviour.md §6.2-6.3), frozen, in Flax NNX.
 
 Attribute names follow the official state dict (`encoder.down.0.block.1.conv1`, `encoder.mid.attn_1.q`,
 `decoder.up.3.upsample.conv`, `quant_conv`, ...) so that conversion is a structural rename; leaves are `kernel`

@@ -2,7 +2,7 @@
 
 U-ViT's `libs/clip.py` FrozenCLIPEmbedder runs openai/clip-vit-large-patch14's text tower on 77 ids padded with the
 end token and passes NO attention mask, so only the causal mask applies and pad positions are encoded like ordinary
-tokens; it keeps all 77 output rows (UVIT_SPEC.md §6.4). The network:
+tokens; it keeps all 77 output rows (docs/official_behaviour.md §6.4). The network:
   x = token_embedding[ids] + position_embedding[0:L]
   per layer (pre-LN):  x += out_proj(causal MHA(layer_norm1(x)))   (q/k/v/out with bias, scale head_dim**-0.5)
                        x += fc2(act(fc1(layer_norm2(x))))          (act = quick_gelu: x * sigmoid(1.702 x))

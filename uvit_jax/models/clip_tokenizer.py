@@ -1,4 +1,4 @@
-"""CLIP's BPE tokenizer, giving the ids U-ViT feeds its CLIP text encoder (UVIT_SPEC.md §6.4).
+"""CLIP's BPE tokenizer, giving the ids U-ViT feeds its CLIP text encoder (docs/official_behaviour.md §6.4).
 
 U-ViT's `libs/clip.py` calls the slow `transformers.CLIPTokenizer` of openai/clip-vit-large-patch14 with
 `padding="max_length", max_length=77, truncation=True`, in an environment with ftfy (its README pins ftfy==6.1.1,

@@ -1,7 +1,7 @@
 """Analytic forward cost of U-ViT: multiply-accumulates per sample (matmuls, convs, attention QKᵀ and AV).
 
-Counts what torch.utils.flop_counter counts on the official module (UVIT_SPEC.md §1.4): element-wise ops,
-LayerNorm, softmax and the embedding lookup are free. FLOPs = 2 × MACs; the paper's "GFLOPs" are these GMACs.
+Counts what torch.utils.flop_counter counts on the official module (docs/official_behaviour.md §1.4): element-wise
+ops, LayerNorm, softmax and the embedding lookup are free. FLOPs = 2 × MACs; the paper's "GFLOPs" are these GMACs.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Building blocks of U-ViT (UVIT_SPEC.md §1), with the official initialisation (§1.2).
+"""Building blocks of U-ViT (docs/official_behaviour.md §1), with the official initialisation (§1.2).
 
 Attribute names follow the official PyTorch modules (`attn.qkv`, `mlp.fc1`, `skip_linear`, ...) so that weight
 conversion is a structural rename; leaves are `kernel` (Linear (in, out), Conv HWIO), `bias`, `scale` (LayerNorm),

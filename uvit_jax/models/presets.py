@@ -1,7 +1,7 @@
-"""The ten official U-ViT network configs (UVIT_SPEC.md §2.1), as constructor kwargs plus "name".
+"""The ten official U-ViT network configs (docs/official_behaviour.md §1, §2), as constructor kwargs plus "name".
 
 "name" is "uvit" (UViT: unconditional / class-conditional) or "uvit_t2i" (UViTT2I: text). Parameter counts and
-MACs of each are pinned in tests against the official module (reference/param_counts.json).
+MACs of each are pinned in tests against the instantiated official modules (tests/fixtures/uvit_param_counts.json).
 """
 from __future__ import annotations
 

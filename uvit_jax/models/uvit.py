@@ -1,4 +1,4 @@
-"""U-ViT for unconditional and class-conditional diffusion (official `libs/uvit.py`, UVIT_SPEC.md §1).
+"""U-ViT for unconditional and class-conditional diffusion (official `libs/uvit.py`, docs/official_behaviour.md §1).
 
 Constructor: the official arguments, then keyword-only `dtype` (compute: matmul inputs), `param_dtype`,
 `attention_impl` ("xla", "cudnn" or "einsum"; see layers.resolve_attention), `remat_policy` (see `resolve_remat`),

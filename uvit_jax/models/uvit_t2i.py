@@ -1,4 +1,6 @@
-"""U-ViT for text-to-image (official `libs/uvit_t2i.py`, UVIT_SPEC.md §1): CLIP token embeddings as condition.
+"""U-ViT for text-to-image: CLIP token embeddings as condition.
+
+The official `libs/uvit_t2i.py` (docs/official_behaviour.md §1).
 
 Call: `model(x, t, context)`, x NHWC (B, H, W, C), t (B,) or a scalar, context (B, num_clip_token, clip_dim).
 Token order: [time, context tokens, patches]. No learned null token: the unconditional context is the CLIP
