@@ -1,12 +1,12 @@
 """How much each bfloat16 precision policy changes the samples of a trained model, against float32.
 
     python benchmarks/precision_policy.py --config configs/quickstart.py --workdir runs/quickstart \
-        [--n 500] [--digit_quality ../shared/tools/digit_quality.py]
+        [--n 500] [--digit_fd]
 
 Samples `n` images from the workdir's EMA params with the config's sampler, once in float32 and once per policy
 in bfloat16 (config `sample.dtype` / `precision.*`), all from the same noise and labels (sample mode's keys), and
 prints per-sample distances to the float32 samples (mean |difference| in uint8 levels, the fraction of samples
-that moved by more than 8 levels on average) and, with --digit_quality (the quickstart's digit FD tool), the score
+that moved by more than 8 levels on average) and, with --digit_fd (benchmarks/digit_quality.py), the score
 of each set: the FID-like number that says whether the difference matters.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--digit_quality", default=None, help="path of digit_quality.py (quickstart digits only)")
+    ap.add_argument("--digit_fd", action="store_true", help="score each set with benchmarks/digit_quality.py "
+                    "(quickstart digits only)")
     args = ap.parse_args()
 
     import numpy as np
@@ -44,11 +45,8 @@ def main():
     spec = importlib.util.spec_from_file_location("cfg", args.config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    scorer = None
-    if args.digit_quality:
-        q = importlib.util.spec_from_file_location("digit_quality", args.digit_quality)
-        scorer = importlib.util.module_from_spec(q)
-        q.loader.exec_module(scorer)
+    if args.digit_fd:
+        from benchmarks import digit_quality
 
     def run(name, dtype, policy):
         config = module.get_config()
@@ -64,7 +62,7 @@ def main():
     print(f"{'policy':<20} {'mean |diff| (levels)':>21} {'samples moved > 8':>18} {'digit_fd':>9}")
     for name, imgs in rows:
         per_sample = np.abs(imgs.astype(np.float32) - ref.astype(np.float32)).reshape(len(ref), -1).mean(1)
-        fd = scorer.score(imgs)["digit_fd"] if scorer else float("nan")
+        fd = digit_quality.score(imgs)["digit_fd"] if args.digit_fd else float("nan")
         print(f"{name:<20} {per_sample.mean():>21.3f} {(per_sample > 8).mean():>18.3f} {fd:>9.2f}")
 
 

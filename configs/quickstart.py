@@ -9,7 +9,7 @@ resume), and DPM-Solver with classifier-free guidance (the sampler of the paper'
 
 To fit the CPU budget the digits are box-downsampled to 16x16 (4x4 patches: 16 tokens) and the network is small;
 a U-ViT learns the near-identity map needed at high noise slowly, so many cheap steps beat a few expensive ones.
-Measured with shared/tools/digit_quality.py (500 samples, lower is better; 11.8 for real digits at 16x16): the
+Measured with benchmarks/digit_quality.py (500 samples, lower is better; 11.8 for real digits at 16x16): the
 settings below score 11.5-14.5 (two runs, three sampling seeds each) in 7.4 minutes; the first ones (batch 64,
 lr 1e-3, 6000 steps, 200-step Euler-Maruyama SDE, CFG 2.0) scored 28.3 in 8 minutes.
 """
