@@ -2,7 +2,7 @@
 
 Key names follow the official U-ViT configs where they exist (`seed`, `train.n_steps`, `train.batch_size`,
 `optimizer.lr`, `lr_scheduler.warmup_steps`, `nnet.*`, `dataset.*`, `sample.*`), so people who know the official
-code feel at home. Each file in configs/ calls `base_config()` and fills in its column of the paper's Table 1.
+code feel at home. Each config in configs/ starts from `base_config()` (the paper's Table 1 rows in configs/table1.py).
 A config is locked after loading: an unknown `--config.x.y=...` override stops at flag parsing, naming the key.
 """
 from __future__ import annotations
