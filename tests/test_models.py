@@ -174,16 +174,23 @@ def test_variants_param_counts():
     assert count_params(dict(base, num_classes=7)) == n + 7 * d + d  # table + one more pos_embed row
 
 
-def test_variants_trace():
-    """Every optional path traces to the right output shape (numerics of the main paths are pinned above)."""
-    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
-    uncond = dict(TINY, num_classes=-1, skip=False, mlp_time_embed=False, conv=False, qk_scale=0.3)
+def test_variants_use_their_options():
+    """Optional paths do what they say: an unconditional model ignores the condition, a scalar t is the same t for
+    every sample, qk_scale replaces head_dim**-0.5, a text model reads its context (parameter counts of each
+    option are pinned in test_variants_param_counts)."""
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    uncond = dict(TINY, num_classes=-1, skip=False, mlp_time_embed=False, conv=False)
     t2i = dict(name="uvit_t2i", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_clip_token=3,
                clip_dim=6, qkv_bias=True)
-    for nnet, cond in [(uncond, jnp.array([3, 4])), (t2i, jnp.ones((2, 3, 6)))]:  # uncond: cond is ignored
-        params = jax.eval_shape(lambda k: init_params(nnet, k), jax.random.key(0))
-        out = jax.eval_shape(make_apply(nnet), params, x, 0.5, cond)  # a scalar t broadcasts
-        assert out.shape == x.shape and out.dtype == x.dtype
+    p = init_params(uncond, jax.random.key(0))
+    out = make_apply(uncond)(p, x, 0.5, jnp.array([3, 4]))
+    np.testing.assert_array_equal(out, make_apply(uncond)(p, x, jnp.full((2,), 0.5), jnp.array([0, 9])))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    np.testing.assert_array_equal(make_apply(dict(uncond, qk_scale=0.25))(p, x, 0.5), out)  # head_dim 16: 16**-0.5
+    assert rel_err(make_apply(dict(uncond, qk_scale=0.3))(p, x, 0.5), out) > 1e-5  # float32 noise: ~1e-7
+    p = init_params(t2i, jax.random.key(0))
+    context = jax.random.normal(jax.random.key(2), (2, 3, 6))
+    assert rel_err(make_apply(t2i)(p, x, 0.5, context), make_apply(t2i)(p, x, 0.5, -context)) > 1e-5
 
 
 def test_clear_errors():
@@ -208,3 +215,23 @@ def test_module_state_holds_only_params():
         model = nnx.eval_shape(lambda: build_model(nnet, rngs=nnx.Rngs(0)))
         assert not jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
         assert isinstance(model.in_blocks, nnx.List) and isinstance(model.out_blocks, nnx.List)
+
+
+@pytest.mark.parametrize("x_shape", [(5, 3), (2, 4, 3)])
+def test_linear_backward_matches_autodiff_and_finite_differences(x64, x_shape):
+    """layers._matmul's hand-written backward (the weight gradient contracts the token axes in place) gives
+    jax.grad of a plain jnp.dot and central finite differences, in float64, for 2-D and 3-D inputs."""
+    from jax.test_util import check_grads
+
+    from uvit_jax.models.layers import _matmul
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape, jnp.float64)
+    w = jax.random.normal(kw, (3, 6), jnp.float64)
+    g = jax.random.normal(kg, (*x_shape[:-1], 6), jnp.float64)  # a random output cotangent
+    loss = lambda matmul: lambda x, w: jnp.sum(g * matmul(x, w))
+    ours = jax.grad(loss(_matmul), argnums=(0, 1))(x, w)
+    plain = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, plain):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+    check_grads(_matmul, (x, w), order=1, modes=["rev"], eps=1e-6, atol=1e-8, rtol=1e-8)
