@@ -28,9 +28,8 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx, traverse_util
 
-from uvit_jax.convert.keys import key_mismatch
+from uvit_jax.convert.keys import params_from_state_dict, to_torch_layout
 from uvit_jax.convert.pth import load_state_dict
-from uvit_jax.convert.uvit import _from_torch_layout, _to_torch_layout
 from uvit_jax.models.autoencoder import FrozenAutoencoderKL, check_ddconfig
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias"}
@@ -139,21 +138,9 @@ def autoencoder_params_from_official(state_dict_or_path, *, ddconfig: Mapping, e
         return f"{k!r} (diffusers {origin[k]!r})" if origin.get(k, k) != k else repr(k)
 
     target = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(_abstract_model(ddconfig, embed_dim), nnx.Param)))
-    expected = {official_key(path): path for path in target}
-    mismatch = key_mismatch(expected, sd, name=name)
-    if mismatch:
-        raise ValueError(f"checkpoint does not match the autoencoder (ddconfig {dict(ddconfig)}, embed_dim "
-                         f"{embed_dim}): {mismatch}")
-    flat = {}
-    for key in sorted(expected, key=_official_sort_key):  # the first mismatch in file order is reported
-        path = expected[key]
-        value = _from_torch_layout(path[-1], np.asarray(sd[key]))
-        want = tuple(target[path].shape)
-        if value.shape != want:
-            torch_want = _to_torch_layout(path[-1], np.empty(want, np.uint8)).shape
-            raise ValueError(f"shape mismatch for {name(key)}: checkpoint has {tuple(np.shape(sd[key]))}, "
-                             f"the autoencoder expects {tuple(torch_want)}")
-        flat[path] = value.astype(param_dtype)
+    flat = params_from_state_dict(sd, target, official_key, model="the autoencoder",
+                                  detail=f" (ddconfig {dict(ddconfig)}, embed_dim {embed_dim})",
+                                  param_dtype=param_dtype, name=name, order=_official_sort_key)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -177,6 +164,6 @@ def autoencoder_from_official(state_dict_or_path, *, ddconfig: Mapping, embed_di
 def autoencoder_to_official(model: FrozenAutoencoderKL) -> dict[str, np.ndarray]:
     """CompVis state dict (names, PyTorch layouts, param dtype, official order) of a `FrozenAutoencoderKL`."""
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    sd = {official_key(path): np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(v)))
+    sd = {official_key(path): np.ascontiguousarray(to_torch_layout(path[-1], np.asarray(v)))
           for path, v in flat.items()}
     return {k: sd[k] for k in sorted(sd, key=_official_sort_key)}

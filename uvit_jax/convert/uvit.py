@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from uvit_jax import checkpoint
-from uvit_jax.convert.keys import key_mismatch
+from uvit_jax.convert.keys import params_from_state_dict, to_torch_layout
 from uvit_jax.convert.pth import load_state_dict
 from uvit_jax.models import abstract_params, build_model, nnet_kwargs
 
@@ -53,42 +54,6 @@ def _official_sort_key(key: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, _OFFICIAL_ORDER.index(p), p) for p in key.split("."))
 
 
-def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    return value
-
-
-def _from_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    return value
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, prefix + (k,)))
-        else:
-            flat[prefix + (k,)] = v
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _strip_module_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Drop a uniform 'module.' prefix (a checkpoint saved from a DataParallel/DDP wrapper)."""
     if sd and all(k.startswith("module.") for k in sd):
@@ -102,21 +67,9 @@ def params_from_official(state_dict, nnet: Mapping, *, param_dtype=np.float32) -
     Strict: raises ValueError listing missing / unexpected keys, or naming the key and both shapes on a mismatch.
     """
     sd = _strip_module_prefix(load_state_dict(state_dict))
-    target = _flatten(abstract_params(nnet))
-    expected = {official_key(path): path for path in target}
-    mismatch = key_mismatch(expected, sd)
-    if mismatch:
-        raise ValueError(f"checkpoint does not match the network {dict(nnet)}: {mismatch}")
-    flat = {}
-    for key, path in expected.items():
-        value = _from_torch_layout(path[-1], np.asarray(sd[key]))
-        want = tuple(target[path].shape)
-        if value.shape != want:
-            torch_want = _to_torch_layout(path[-1], np.empty(want, np.uint8)).shape
-            raise ValueError(f"shape mismatch for {key!r}: checkpoint has {tuple(np.shape(sd[key]))}, "
-                             f"the network expects {tuple(torch_want)}")
-        flat[path] = value.astype(param_dtype)
-    return _unflatten(flat)
+    flat = params_from_state_dict(sd, flatten_dict(abstract_params(nnet)), official_key, model="the network",
+                                  detail=f" {dict(nnet)}", param_dtype=param_dtype)
+    return unflatten_dict(flat)
 
 
 def params_to_official(params: Mapping, nnet: Mapping | None = None) -> dict[str, np.ndarray]:
@@ -124,10 +77,10 @@ def params_to_official(params: Mapping, nnet: Mapping | None = None) -> dict[str
 
     With `nnet`, the params' structure and shapes are checked against that network first.
     """
-    flat = _flatten(params)
+    flat = flatten_dict(params)
     if nnet is not None:
         # Compare by official key, so str block indices (an orbax restore without a target) are fine too.
-        want = {official_key(k): tuple(v.shape) for k, v in _flatten(abstract_params(nnet)).items()}
+        want = {official_key(k): tuple(v.shape) for k, v in flatten_dict(abstract_params(nnet)).items()}
         got = {official_key(k): tuple(np.shape(v)) for k, v in flat.items()}
         problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
         problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
@@ -135,7 +88,7 @@ def params_to_official(params: Mapping, nnet: Mapping | None = None) -> dict[str
                      if got[k] != want[k]]
         if problems:
             raise ValueError(f"params do not match the network {dict(nnet)}: {problems}")
-    sd = {official_key(path): np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(v)))
+    sd = {official_key(path): np.ascontiguousarray(to_torch_layout(path[-1], np.asarray(v)))
           for path, v in flat.items()}
     return {k: sd[k] for k in sorted(sd, key=_official_sort_key)}
 
