@@ -129,7 +129,7 @@ def test_cfg_single_batched_pass_equals_two_passes(context):
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
-def test_make_eps_fn_maps_solver_time_and_runs_in_sampler():
+def test_make_eps_fn_maps_solver_time_and_new_labels_reuse_the_compiled_sampler():
     seen = []
 
     def net_fn(x, net_time, cond):
