@@ -14,7 +14,9 @@ with a line; a second Ctrl-C exits at once without saving). Launched as several 
 initialises jax.distributed first; a single process needs nothing.
 """
 import ast
+import errno
 import os
+import traceback
 
 from uvit_jax import host_malloc
 
@@ -41,20 +43,33 @@ _CONVERT_INPUT = flags.DEFINE_string(
 _CONVERT_OUTPUT = flags.DEFINE_string("convert_output", None, "--mode convert: output (default WORKDIR/converted, "
                                       "or WORKDIR/nnet_ema.pth with --convert_to_official).")
 _TO_OFFICIAL = flags.DEFINE_bool("convert_to_official", False, "--mode convert: our converted dir -> official .pth.")
-_BENCH_STEPS = flags.DEFINE_integer("benchmark_steps", 10, "--mode benchmark: timed steps after warm-up.")
+_BENCH_STEPS = flags.DEFINE_integer("benchmark_steps", 10, "--mode benchmark: timed steps after warm-up.",
+                                    lower_bound=1)
 _BENCH_COMPILE_ONLY = flags.DEFINE_bool("benchmark_compile_only", False, "--mode benchmark: compile the train step "
                                         "without running it; report XLA's memory and FLOP estimates.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv):
-    """absl parsing, with a one-line message for a bad flag or --config.* override (instead of a traceback)."""
+    """absl parsing, with a one-line message for a bad flag, config file or --config.* override (instead of a
+    traceback)."""
     from uvit_jax import console
+    path = _config_path(argv)
+    problem = _config_file_problem(path) if path else None
+    if problem:
+        console.user_error(problem)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         console.user_error(f"{e} (pass --helpfull to see the flags)")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else is re-raised
+        in_file = [f for f in traceback.extract_tb(e.__traceback__)
+                   if path and os.path.abspath(f.filename) == os.path.abspath(path)]
+        if in_file:
+            console.user_error(f"--config {path}: get_config() failed at line {in_file[-1].lineno}: "
+                               f"{type(e).__name__}: {' '.join(str(e).split())}")
+        if not isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+            raise
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
         detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
         try:  # ml_collections raises with the repr of its message ('\'key\'\nDid you mean ...')
@@ -64,6 +79,36 @@ def parse_flags(argv):
         detail = " ".join(str(detail).split())
         console.user_error(f"bad config override among {', '.join(overrides)}: {type(e).__name__} {detail} "
                            "(uvit_jax/config.py lists every key)")
+
+
+def _config_path(argv) -> str | None:
+    """The --config file named in `argv` (without config_flags' ":argument" suffix)."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            path = arg.split("=", 1)[1]
+    return path.split(":")[0] if path else None
+
+
+def _config_file_problem(path: str) -> str | None:
+    """What keeps `path` from being a config file, found without running it; None if nothing does."""
+    example = "give a config file such as configs/quickstart.py"
+    if not os.path.exists(path):
+        return f"--config {path}: no such file; {example}"
+    if os.path.isdir(path):
+        return f"--config {path} is a directory; {example}"
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except SyntaxError as e:
+        return f"--config {path}:{e.lineno}: {e.msg}; fix the file"
+    except (OSError, ValueError) as e:
+        return f"--config {path}: cannot be read ({e}); {example}"
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+        return f"--config {path} defines no get_config() (a config file returns its ConfigDict from get_config())"
+    return None
 
 
 def main(argv):
@@ -78,6 +123,9 @@ def main(argv):
         validate(config, workdir=workdir)  # before JAX starts: a bad config costs under a second
     except ConfigError as e:
         console.user_error(str(e))
+    if mode == "convert" and _CONVERT_INPUT.value and not _TO_OFFICIAL.value and os.path.isdir(_CONVERT_INPUT.value):
+        console.user_error(f"--convert_input {_CONVERT_INPUT.value} is a directory: give the official nnet_ema.pth "
+                           "(or .npz) file; a converted directory goes back to a .pth with --convert_to_official")
     errors = _user_errors()
     if flags.FLAGS.verbosity < 1:
         from uvit_jax import checkpoint
@@ -97,6 +145,13 @@ def main(argv):
         _run_mode(mode, config, workdir)
     except errors as e:
         console.user_error(str(e).replace("\n", " "))
+    except _failures() as e:  # the run stopped on something the user can fix; finished work is kept
+        console.user_error(str(e).replace("\n", " "), code=1)
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        console.user_error(f"{e.filename or 'a file'}: {e.strerror} ({errno.errorcode[e.errno]}); free space or fix "
+                           "the permissions, then run the same command again (finished work is kept)", code=1)
 
 
 def _run_mode(mode, config, workdir):
@@ -157,6 +212,16 @@ def _convert_files(config, workdir):
                            nnet)
     logging.info("Converted %s -> %s; sample from it with --mode sample --config.sample.params_dir=%s",
                  _CONVERT_INPUT.value, out, out)
+
+
+# Storage errors a person fixes (a full disk, a quota, a read-only or forbidden path), whatever writes the file.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _failures() -> tuple:
+    """Exceptions that end a run that went wrong (not a usage mistake): one line, exit code 1."""
+    from uvit_jax.train import NonFiniteLossError
+    return (NonFiniteLossError,)
 
 
 def _user_errors() -> tuple:

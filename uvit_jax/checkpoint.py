@@ -77,6 +77,10 @@ class NoCheckpointError(FileNotFoundError):
     """The checkpoint directory or its steps do not exist."""
 
 
+class NoSuchStepError(NoCheckpointError):
+    """The step asked for is not among the saved ones (the message lists them)."""
+
+
 class NonFiniteStateError(ValueError):
     """`save` was given a state with NaN or infinite floats; nothing was written."""
 
@@ -383,7 +387,8 @@ def restore_ema_params(directory: str | os.PathLike, abstract_params: Any, *,
     if not steps:
         raise NoCheckpointError(f"no checkpoint in {directory}")
     if step is not None and int(step) not in steps:
-        raise NoCheckpointError(f"no checkpoint for step {step} in {directory}; saved steps: {steps}")
+        raise NoSuchStepError(f"no checkpoint for step {step} in {directory}; saved steps: "
+                              f"{', '.join(map(str, steps))}")
     errors = []
     for s in ([int(step)] if step is not None else reversed(steps)):
         start = time.perf_counter()

@@ -7,18 +7,23 @@ A config is locked after loading: an unknown `--config.x.y=...` override stops a
 """
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
 from ml_collections import config_dict
 from ml_collections.config_flags import config_path
 
-from uvit_jax.dataset_specs import DEFAULT_CACHE_GB, KNOWN_DATASETS, class_count
+from uvit_jax.dataset_specs import DEFAULT_CACHE_GB, KNOWN_DATASETS, PIXEL_DATASETS, class_count
 
 SCHEDULES = ("vp", "discrete")
 SAMPLERS = ("dpm_solver", "dpm_solver_pp", "euler_maruyama_sde", "euler_maruyama_ode")
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("auto", "xla", "cudnn", "einsum")
+# Values one batch array may hold: XLA indexes arrays with 32-bit integers, and a batch past this is a typo
+# (1e8 images) that would otherwise abort inside XLA or allocate for minutes.
+MAX_BATCH_VALUES = 2 ** 31 - 1
+INCEPTION_VALUES = 299 * 299 * 3  # one image as the FID network sees it
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -174,9 +179,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         need(config.attention != "cudnn", "attention", "cuDNN flash attention needs bf16/fp16 inputs; "
              "precision.attention='float32' casts q, k, v to float32")
     need(config.pred == "noise_pred", "pred", "only noise prediction is implemented (as in every official config)")
+    need(isinstance(config.seed, int) and 0 <= config.seed < 2 ** 63, "seed", "must be an integer in [0, 2^63)")
     need(0.0 <= config.ema_rate < 1.0, "ema_rate", "must be in [0, 1)")
     need(config.train.n_steps > 0, "train.n_steps", "must be positive")
     need(config.train.batch_size > 0, "train.batch_size", "must be positive")
+    _validate_batch_sizes(config, need)
     need(config.train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     need(config.train.batch_size % config.train.grad_accum_steps == 0, "train.batch_size",
          f"must be divisible by train.grad_accum_steps={config.train.grad_accum_steps}")
@@ -188,14 +195,20 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
          "the best checkpoint exists on disk)")
     need(config.train.profile_steps >= 0, "train.profile_steps", "must be >= 0")
     need(config.optimizer.name == "adamw", "optimizer.name", "only adamw is implemented")
-    need(config.optimizer.lr > 0, "optimizer.lr", "must be positive")
+    need(0 < config.optimizer.lr <= 1, "optimizer.lr", "must be in (0, 1] (the paper's runs use 1e-4 to 2e-4)")
+    need(_finite(config.optimizer.weight_decay) and config.optimizer.weight_decay >= 0, "optimizer.weight_decay",
+         "must be a finite number >= 0")
+    need(_finite(config.optimizer.eps) and config.optimizer.eps > 0, "optimizer.eps", "must be a finite number > 0")
     need(len(config.optimizer.betas) == 2 and all(0 <= b < 1 for b in config.optimizer.betas),
          "optimizer.betas", "must be two numbers in [0, 1)")
     need(config.lr_scheduler.name == "customized", "lr_scheduler.name", "only 'customized' (warm-up) is implemented")
     need(config.lr_scheduler.warmup_steps >= 0, "lr_scheduler.warmup_steps", "must be >= 0")
     need(config.sample.algorithm in SAMPLERS, "sample.algorithm", f"must be one of {SAMPLERS}")
     need(config.sample.sample_steps > 0, "sample.sample_steps", "must be positive")
-    need(config.sample.scale >= 0, "sample.scale", "must be >= 0")
+    need(_finite(config.sample.scale) and config.sample.scale >= 0, "sample.scale", "must be a finite number >= 0")
+    need(config.sample.grid_size > 0, "sample.grid_size", "must be positive")
+    need(config.sample.grid_steps > 0, "sample.grid_steps", "must be positive")
+    need(config.eval.pr_k >= 1, "eval.pr_k", "must be >= 1 (the k of the k-NN radii of precision/recall)")
     need(config.sample.label_distribution in ("uniform", "dataset"), "sample.label_distribution",
          "must be 'uniform' or 'dataset'")
     need(config.sample.step in ("best", "latest") or config.sample.step.isdigit(), "sample.step",
@@ -210,10 +223,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
              "must be 'train', 'val' or 'train,val'")
     if config.sample.prompts:
         need(config.nnet.get("name") == "uvit_t2i", "sample.prompts", "needs a text-to-image network (uvit_t2i)")
+        _check_prompts_file(config.sample.prompts)
     need(config.mesh.expect_devices >= 0, "mesh.expect_devices", "must be >= 0 (0 = no check)")
     need("name" in config.nnet and config.nnet.name in ("uvit", "uvit_t2i"), "nnet.name",
          "must be 'uvit' or 'uvit_t2i'")
     need(config.dataset.name in KNOWN_DATASETS, "dataset.name", f"must be one of {sorted(KNOWN_DATASETS)}")
+    _validate_image_size(config, need)
     _validate_conditioning(config, need)
     if config.sample.thresholding:
         need(config.sample.algorithm == "dpm_solver_pp", "sample.thresholding", "applies to dpm_solver_pp only")
@@ -226,6 +241,55 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         need(micro % device_count == 0, "train.batch_size",
              f"each micro-batch ({micro}) must split evenly over the {device_count} devices")
         need(device_count % config.mesh.fsdp == 0, "mesh.fsdp", f"must divide the device count {device_count}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _validate_batch_sizes(config, need) -> None:
+    """Every batch positive, and small enough for one array (MAX_BATCH_VALUES): train, sample, eval, extract."""
+    nnet_values = int(config.nnet.get("img_size", 1)) ** 2 * int(config.nnet.get("in_chans", 1))
+    for key, values in (("train.batch_size", nnet_values), ("sample.mini_batch_size", nnet_values),
+                        ("eval.batch_size", INCEPTION_VALUES), ("sample.n_samples", 1), ("train.fid_n_samples", 1)):
+        n = config_path.get_value(key, config)
+        need(n > 0, key, "must be positive")
+        need(n * values <= MAX_BATCH_VALUES, key,
+             f"must be at most {MAX_BATCH_VALUES // values:,}" + (f" ({values:,} values an image, 2^31 in one array)"
+                                                                  if values > 1 else ""))
+
+
+def _validate_image_size(config, need) -> None:
+    """A pixel dataset's images must be the network's: same side (dataset.image_size, or the dataset's default)
+    and channels; caught here instead of in the first traced step."""
+    side = config.dataset.image_size
+    if side is not None:
+        need(side > 0, "dataset.image_size", "must be positive (or unset: the dataset's default)")
+    spec = PIXEL_DATASETS.get(config.dataset.name)
+    if spec is None or "img_size" not in config.nnet:
+        return
+    side = spec.default_size if side is None else side
+    need(side == config.nnet.img_size, "dataset.image_size",
+         f"must equal nnet.img_size={config.nnet.img_size} (unset: {config.dataset.name}'s default "
+         f"{spec.default_size})")
+    need(config.nnet.get("in_chans") == spec.channels, "nnet.in_chans",
+         f"must be {spec.channels}, the channels of {config.dataset.name}")
+
+
+def _check_prompts_file(path: str) -> None:
+    if "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(f"config.sample.prompts: {path} is {'a directory' if os.path.isdir(path) else 'missing'}; "
+                          "give a text file, one prompt a line")
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config.sample.prompts: {path} is not UTF-8 text (byte {e.start}): save it as "
+                          "UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config.sample.prompts: cannot read {path}: {e.strerror}") from None
 
 
 def _validate_conditioning(config, need) -> None:
@@ -254,6 +318,9 @@ def _validate_conditioning(config, need) -> None:
 
 def _check_writable(workdir: str) -> None:
     """A local workdir must be creatable and writable (object stores such as gs:// are checked at the first save)."""
+    if workdir.startswith("file://"):
+        raise ConfigError(f"--workdir {workdir}: give a local directory as a plain path ({workdir[len('file://'):]}), "
+                          "not a file:// URL")
     if "://" in workdir:
         return
     path = os.path.abspath(workdir)

@@ -70,6 +70,8 @@ def load_ema_params(config, workdir: str, mesh) -> tuple[dict, str]:
     step, why = _chosen_step(config.sample.step, workdir)
     try:
         params, step = checkpoint.restore_ema_params(directory, target, step=step)
+    except checkpoint.NoSuchStepError as e:
+        raise NoParamsError(f"{e}: choose one with --config.sample.step=N (or 'latest', 'best')") from e
     except checkpoint.NoCheckpointError as e:
         raise NoParamsError(f"nothing to sample from: no checkpoint in {directory}. Train first (same --config and "
                             "--workdir without --mode), or set --config.sample.params_dir to a converted official "
