@@ -194,11 +194,14 @@ def test_outputs_and_sfid_layer_small_input(model):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_feature_fn_at_299(model):
+def test_feature_fn_is_pytorch_fid_preprocessing_then_the_network(model):
+    """feature_fn(uint8 images of any size) is the network on pytorch-fid's 299x299 input: pool3 features, the
+    1008-way logits without the fc bias (for IS) and the sFID features."""
     fn = evaluate.inception_feature_fn(model)
     images = np.random.default_rng(5).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     out = fn(images)
     assert out["pool"].shape == (1, 2048) and out["logits"].shape == (1, 1008) and out["spatial"].shape == (1, 2023)
-    for v in out.values():
-        assert np.all(np.isfinite(np.asarray(v)))
-    assert float(jnp.std(out["pool"])) > 0  # the random-weight network did not collapse to zeros
+    ref = jax.jit(lambda x: model(inception.preprocess(x)))(jnp.asarray(images))
+    assert float(jnp.std(ref["pool"])) > 0.01  # the random network did not collapse: the comparison means something
+    for key, ref_key in (("pool", "pool"), ("logits", "logits_unbiased"), ("spatial", "spatial")):
+        np.testing.assert_allclose(out[key], ref[ref_key], rtol=1e-4, atol=1e-4, err_msg=key)  # two jits: fp32 sums
