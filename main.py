@@ -155,12 +155,18 @@ def main(argv):
 
 
 def _run_mode(mode, config, workdir):
+    from uvit_jax import latent
+    latent.check_weights(config, mode)  # a missing weights file is news before a restore or a data listing
     if mode == "train":
         from uvit_jax import train
         callback = None
         if config.train.fid_interval:
             from uvit_jax import eval_mode
-            if config.eval.inception_path or config.eval.feature_fn:
+            problem = eval_mode.reference_stats_problem(config)
+            if problem:  # training itself needs no statistics: train without FID rather than not at all
+                logging.warning("train.fid_interval=%d but FID during training is off: %s",
+                                config.train.fid_interval, problem)
+            elif config.eval.inception_path or config.eval.feature_fn:
                 callback = eval_mode.make_training_fid_callback(config, workdir)
             else:
                 logging.warning("train.fid_interval=%d but no feature network: FID during training is off (%s)",

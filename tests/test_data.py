@@ -198,7 +198,9 @@ def test_missing_latent_dirs_name_path_and_script(tmp_path):
     missing = str(tmp_path / "imagenet256_features")
     with pytest.raises(data.DatasetNotPreparedError, match="imagenet256_features.*extract_imagenet_feature.py"):
         data.dataset_info({"name": "imagenet_latents", "path": missing})
-    with pytest.raises(data.DatasetNotPreparedError, match="extract_mscoco_feature.py --split=train"):
+    # The project's own extraction first (named with the key to set), the official script second.
+    with pytest.raises(data.DatasetNotPreparedError, match="--mode extract .*--config.dataset.path=W/features.*"
+                                                           "extract_mscoco_feature.py --split=train"):
         data.dataset_info({"name": "mscoco_latents", "path": str(tmp_path)})
     with pytest.raises(data.DatasetNotPreparedError, match="extract_empty_feature.py"):
         data.load_empty_context(str(tmp_path))
@@ -322,3 +324,41 @@ def test_digits_box_downsample_averages_areas():
     assert (out[:8, :8] == 255).all() and (out[8:] == 0).all() and (out[:, 8:] == 0).all()
     ramp = np.tile(np.arange(28, dtype=np.uint8)[None, :, None] * 9, (28, 1, 1))
     np.testing.assert_allclose(preprocess.box_downsample(ramp, 14)[0, :, 0], ramp[0, 0::2, 0] + 4.5, atol=1)
+
+
+def test_caption_rule_and_latent_facts_have_one_home_each():
+    """The caption choice (`bits % captions`) is written once (data/preprocess.py), the latent datasets' class
+    counts and splits once (dataset_specs.py), and the readers of raw images and text conditions live in data/."""
+    import re
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "uvit_jax")
+    found = {"caption rule": set(), "latent facts": set(), "readers": set()}
+    patterns = {"caption rule": r"bits\b[^\n]*%|%[^\n]*n_captions",
+                "latent facts": r"[\"'](imagenet|mscoco)_latents[\"'][ \t]*:[ \t]*\S",  # a dict entry
+                "readers": r"^class (ImageNetFolder|ImageNetTFDS|CocoFolder|CocoTFDS|TextConditions)\b"}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                source = open(path).read()
+                for what, pattern in patterns.items():
+                    if re.search(pattern, source, re.M):
+                        found[what].add(os.path.relpath(path, root))
+    assert found == {"caption rule": {os.path.join("data", "preprocess.py")}, "latent facts": {"dataset_specs.py"},
+                     "readers": {os.path.join("data", "raw_images.py"), os.path.join("data", "text_conditions.py")}}
+
+
+@pytest.mark.parametrize("damage", ["label", "nan"])
+def test_official_imagenet_feature_file_with_bad_values_is_named(tmp_path, damage):
+    moments = np.ones((8, 4, 4), np.float32)
+    for i in range(3):
+        _save_pair(tmp_path / f"{i}.npy", moments, np.int64(i))
+    if damage == "label":
+        _save_pair(tmp_path / "2.npy", moments, np.int64(1000))
+    else:
+        moments[3, 1, 2] = np.nan
+        _save_pair(tmp_path / "2.npy", moments, np.int64(2))
+    source = data.open_source({"name": "imagenet_latents", "path": str(tmp_path)})
+    source.read(np.arange(2), np.zeros(2, np.uint64), True)
+    what = "label 1000 is outside 0..999" if damage == "label" else "non-finite moments"
+    with pytest.raises(data.CorruptFeaturesError, match=f"{tmp_path / '2.npy'}: .*{what}"):
+        source.read(np.arange(3), np.zeros(3, np.uint64), True)

@@ -3,8 +3,11 @@ with decoding, text-to-image from validation captions and from a prompts file, e
 import importlib.util
 import json
 import os
+import shutil
+from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -15,7 +18,7 @@ import standin_features
 from test_files import dead_pid
 from test_main import one_line_error, run_main
 from uvit_jax import data, eval_mode, evaluate, extract, latent, parallel, preemption, sample, train
-from uvit_jax.config import base_config
+from uvit_jax.config import ConfigError, base_config
 from uvit_jax.convert import autoencoder_to_official, save_torch_file
 from uvit_jax.convert.clip_text import hf_key
 from uvit_jax.data import features, preprocess
@@ -274,3 +277,108 @@ def test_coco_text_to_image(assets, tmp_path):
     for p in listing:
         assert Image.open(os.path.join(workdir, "prompts", p["file"])).size == (32, 32)
     assert os.path.exists(os.path.join(workdir, "prompts", "grid.png"))
+
+
+@pytest.fixture(scope="module")
+def extracted(assets, tmp_path_factory):
+    """An extracted ImageNet folder (6 images x 2 in 3 shards of 4 rows) and the config that reads it."""
+    root = tmp_path_factory.mktemp("extracted")
+    feats = str(root / "features")
+    config = load(write_config(assets, root, text=False, features_dir=feats))
+    assert extract.run(config, str(root)) == feats
+    return config
+
+
+def _damage(feats: str, how: str) -> str:
+    """Damage shard 1 of a copy of an extracted folder as `how` says; returns the damaged file."""
+    moments, labels = (features.shard_file(feats, "train", k, 1) for k in ("moments", "labels"))
+    if how == "truncated":
+        os.truncate(moments, os.path.getsize(moments) - 100)
+        return moments
+    target = labels if how.startswith("label") else moments
+    array = np.load(target)
+    if how.startswith("garbage"):
+        array[1] = np.random.default_rng(0).standard_normal(array.shape[1:])  # finite, plausible, wrong
+    elif how.startswith("nan"):
+        array[2, 3, 1, 5] = np.nan
+    else:
+        array[3] = 1000
+    np.save(target, array)
+    if how.endswith("as extracted"):  # as if the extraction itself had written it: the record matches
+        manifest = features.read_manifest(feats)
+        manifest["splits"]["train"]["shards"]["00001"][os.path.basename(target).split("-")[0]] = \
+            features.file_record(target)
+        with open(os.path.join(feats, features.MANIFEST), "w") as f:
+            json.dump(manifest, f)
+    return target
+
+
+@pytest.mark.parametrize("how, what", [
+    ("truncated", "bytes, the manifest records"),
+    ("garbage", "CRC-32 differs"),
+    ("nan", "CRC-32 differs"),
+    ("label", "CRC-32 differs"),
+    ("nan as extracted", "row 2 holds non-finite moments"),
+    ("label as extracted", "row 3 holds label 1000, outside 0..999"),
+])
+def test_a_damaged_feature_shard_is_named(extracted, tmp_path, how, what):
+    """Test fails on main before the manifest records: a truncated shard was `mmap length is greater than file
+    size` without the file, the others trained into NaN."""
+    feats = str(tmp_path / "features")
+    shutil.copytree(extracted.dataset.path, feats)
+    config = ml_collections.ConfigDict(extracted.dataset.to_dict())
+    config.path = feats
+    damaged = _damage(feats, how)
+    with pytest.raises(data.CorruptFeaturesError) as e:
+        source = data.open_source(config)
+        source.read(np.arange(12), np.zeros(12, np.uint64), True)
+    assert str(e.value).startswith(f"{damaged}: ") and what in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_truncated_shard_stops_training_in_one_line(extracted, tmp_path):
+    feats = str(tmp_path / "features")
+    shutil.copytree(extracted.dataset.path, feats)
+    damaged = _damage(feats, "truncated")
+    config_file = write_config(Path(os.path.dirname(extracted.autoencoder.pretrained_path)), tmp_path, text=False,
+                               features_dir=feats)
+    r = run_main("--config", config_file, "--workdir", str(tmp_path / "w"))
+    one_line_error(r, damaged, "bytes, the manifest records")
+
+
+def test_missing_weights_are_named_before_the_checkpoint_is_looked_for(assets, tmp_path):
+    """Sample mode named a missing autoencoder or CLIP file only after the checkpoint restore (41 s at L/2); an empty
+    workdir shows the order: on main before this fix the error was about the missing checkpoint."""
+    config_file = write_config(assets, tmp_path, text=True, features_dir=str(tmp_path / "f"))
+    common = ["--config", config_file, "--workdir", str(tmp_path / "w"), "--mode", "sample"]
+    r = run_main(*common, f"--config.autoencoder.pretrained_path={tmp_path / 'no_ae.pth'}")
+    one_line_error(r, "autoencoder.pretrained_path", "no_ae.pth")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bus\n")
+    r = run_main(*common, f"--config.sample.prompts={prompts}",
+                 f"--config.clip.pretrained_path={tmp_path / 'no_clip'}")
+    one_line_error(r, "clip.pretrained_path", "no_clip")
+
+
+def test_latent_training_without_reference_statistics_trains_without_fid(extracted, tmp_path):
+    """A missing eval.ref_stats stopped training at start, suggesting `--config.eval.ref_stats=`, which latent
+    datasets refuse (test fails on main before this fix): now one warning names the file and training runs."""
+    missing = str(tmp_path / "fid_stats_imagenet256_guided_diffusion.npz")
+    config_file = write_config(Path(os.path.dirname(extracted.autoencoder.pretrained_path)), tmp_path, text=False,
+                               features_dir=extracted.dataset.path)
+    r = run_main("--config", config_file, "--workdir", str(tmp_path / "w"), "--config.train.fid_interval=2",
+                 "--config.eval.feature_fn=standin_features:make", f"--config.eval.ref_stats={missing}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "FID during training is off" in line]
+    assert len(warnings) == 1 and missing in warnings[0] and "fid_stats_imagenet{256,512}" in warnings[0]
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
+
+
+def test_extract_batch_is_cut_to_the_host_memory():
+    """At the default batch (64 images, 128 encodes with mirrors) extraction at 256 grew past 24 GB and was killed
+    without a word (test fails on main before this fix: there was no limit)."""
+    per_image = extract.CPU_BYTES_PER_ENCODE_256 * 2
+    assert extract.fit_batch(64, per_image, 256, 24e9, 8) == 48  # 48 x 0.4 GB = 19.2 GB <= 80% of 24 GB
+    assert extract.fit_batch(64, per_image, 256, 200e9, 8) == 64
+    assert extract.fit_batch(64, per_image * 4, 512, 24e9, 8) == 8
+    with pytest.raises(ConfigError, match="extract.batch_size: encoding 8 image.*512x512 needs about 12.8 GB"):
+        extract.fit_batch(64, per_image * 4, 512, 8e9, 8)

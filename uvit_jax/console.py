@@ -4,7 +4,8 @@
 (orbax's per-save lines, TFDS's "Downloading and preparing", JAX's backend probes) are dropped unless
 `--verbosity >= 1`; known-harmless library warnings are dropped too. Processes other than 0 print warnings only.
 `user_error(e)` turns the mistakes a person can fix into one line, without a traceback. `Progress` logs
-"what: done/total unit, rate, ETA" for long passes; `format_duration` is the one way durations are printed.
+"what: done/total unit, rate, ETA" for long passes; `format_duration` and `format_rate` are the one way durations
+and rates are printed.
 """
 from __future__ import annotations
 
@@ -69,11 +70,18 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_rate(per_second: float, unit: str) -> str:
+    """"12.5 steps/s", or below one per second "41.2 s/step" (where "0.0 steps/s" would say nothing)."""
+    if per_second >= 1:
+        return f"{per_second:.1f} {unit}s/s"
+    return f"{1 / max(per_second, 1e-9):.1f} s/{unit}"
+
+
 class Progress:
     """Logs "what: done/total unit  rate unit/s  ETA" when `update` is called, at most once per `every_s`
     seconds and always for the last item (total known)."""
 
-    def __init__(self, what: str, total: int | None, unit: str = "images", every_s: float = 30.0):
+    def __init__(self, what: str, total: int | None, unit: str = "image", every_s: float = 30.0):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.start = self.last = time.time()
 
@@ -87,4 +95,4 @@ class Progress:
         of = f"/{self.total}" if self.total is not None else ""
         eta = (f"  ETA {format_duration((self.total - done) / max(rate, 1e-9))}"
                if self.total is not None and not finished else "")
-        logging.info("%s: %d%s %s  %.1f %s/s%s", self.what, done, of, self.unit, rate, self.unit, eta)
+        logging.info("%s: %d%s %ss  %s%s", self.what, done, of, self.unit, format_rate(rate, self.unit), eta)

@@ -47,20 +47,34 @@ def make_feature_fn(config):
     return evaluate.make_inception_feature_fn(path)
 
 
+OFFICIAL_REF_STATS = ("the official fid_stats_imagenet{256,512}_guided_diffusion.npz / fid_stats_mscoco256_val.npz / "
+                      "fid_stats_cifar10_train_pytorch.npz (the U-ViT README's assets/fid_stats)")
+
+
+def reference_stats_problem(config) -> str | None:
+    """Why `reference_stats` cannot give statistics, saying what to do (None: it can). Latent datasets hold
+    moments, not the real images FID compares against, so only a statistics file serves them."""
+    path, name = config.eval.ref_stats, config.dataset.name
+    if path and os.path.exists(path):
+        return None
+    if latent.is_latent(config):
+        where = f"config.eval.ref_stats={path} not found" if path else "config.eval.ref_stats is not set"
+        return f"{where}: {name} holds latents, not images; FID needs the statistics of the real images: get " \
+               f"{OFFICIAL_REF_STATS} and set eval.ref_stats to it"
+    if path:
+        return (f"config.eval.ref_stats={path} not found: get {OFFICIAL_REF_STATS}, or set "
+                f"--config.eval.ref_stats= (empty) to compute statistics from the dataset '{name}'")
+    return None
+
+
 def reference_stats(config, workdir: str, feature_fn) -> tuple[dict, str]:
     """(statistics, where from): config.eval.ref_stats if set, else the training dataset's, computed once and
     cached in WORKDIR/eval/."""
+    problem = reference_stats_problem(config)
+    if problem:
+        raise FileNotFoundError(problem)
     if config.eval.ref_stats:
-        if not os.path.exists(config.eval.ref_stats):
-            raise FileNotFoundError(
-                f"config.eval.ref_stats={config.eval.ref_stats} not found: get the official fid_stats file, or set "
-                f"--config.eval.ref_stats= (empty) to compute statistics from the dataset '{config.dataset.name}'")
         return evaluate.load_reference_stats(config.eval.ref_stats, feature_fn), config.eval.ref_stats
-    if latent.is_latent(config):  # the features are moments, not the real images FID compares against
-        raise FileNotFoundError(
-            f"config.eval.ref_stats is not set: {config.dataset.name} holds latents, not images; FID needs the "
-            "statistics of the real images: the official fid_stats_imagenet{256,512}_guided_diffusion.npz / "
-            "fid_stats_mscoco256_val.npz (U-ViT README, assets/fid_stats)")
     info = data.dataset_info(config.dataset)
     cache = RunDir(workdir).ref_stats_cache(config.dataset.name, info["image_shape"][0])
     if os.path.exists(cache):
@@ -124,7 +138,7 @@ def make_training_fid_callback(config, workdir: str):
     batch = parallel.padded_size(config.sample.mini_batch_size)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     decode = latent.make_decoder(config, mesh) if latent.is_latent(config) else None
-    texts = latent.TextConditions(config, "val") if cond.kind == "text" else None
+    texts = data.TextConditions(config, "val") if cond.kind == "text" else None
     null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
     fn = generate.make_generate_fn(
         make_apply(config, mesh=mesh), diffusion.make_schedule(config.schedule), algorithm=sampler["algorithm"],

@@ -8,16 +8,16 @@ What is computed is what the official scripts compute (docs/official_behaviour.m
     the encoding of "" as empty_context.npy. Splits train (train2014) and val (val2014: sampling contexts of FID).
 Moments and contexts are computed in float32 at "highest" matmul precision (`uvit_jax.latent`).
 
-Sources (extract.source): "tfds" reads the prepared TFDS `imagenet2012` / `coco_captions` (array_record; never
-downloaded; val2014 = the Karpathy val + test + restval splits), or a folder: ImageNet's train dir
-(`DIR/<synset>/*.JPEG`) or the COCO root (`train2014/`, `val2014/`, `annotations/captions_{train,val}2014.json`).
+Sources (extract.source, read by `uvit_jax/data/raw_images.py`): "tfds" (the prepared TFDS `imagenet2012` /
+`coco_captions`), or a folder: ImageNet's train dir (`DIR/<synset>/*.JPEG`) or the COCO 2014 root.
 
 Output (`extract.output`, default WORKDIR/features; read by `uvit_jax/data/features.py`, whose docstring has the
-layout): fixed-size .npy shards per split and a JSON manifest (image count, shapes, source, plan). Chosen over
-array_record because the shard is also the unit of resume: each file is written atomically and a shard whose files
-all exist is skipped, so a rerun after preemption does exactly what is missing and duplicates nothing; a row is one
-pread at an offset computed from the .npy header (no per-record deserialisation or index), so training's random
-access costs what the official `{idx}.npy` files cost, with a thousandth of the files; and any numpy opens a shard.
+layout): fixed-size .npy shards per split and a JSON manifest (image count, shapes, source, plan, each shard's file
+sizes and CRC-32s). Chosen over array_record because the shard is also the unit of resume: its files are written
+atomically, then its record goes into the manifest, and a recorded shard whose files have the recorded sizes is
+skipped, so a rerun after preemption does exactly what is missing and duplicates nothing; a row is one pread at an
+offset computed from the .npy header (no per-record deserialisation or index), so training's random access costs
+what the official `{idx}.npy` files cost, with a thousandth of the files; and any numpy opens a shard.
 The manifest marks a split complete only when every shard is on disk; the training reader refuses incomplete ones.
 
 Parallelism: every process reads and preprocesses its own rows of each global batch (extract.batch_size images,
@@ -29,168 +29,26 @@ A SIGTERM (or a jax.distributed preemption notice) stops at the next batch; the 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
-import json
 import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from uvit_jax import console, files, latent, parallel, preemption
 from uvit_jax.config import ConfigError
-from uvit_jax.data import datasets, features, preprocess
-from uvit_jax.data.datasets import DatasetNotPreparedError
+from uvit_jax.data import features, raw_images
 from uvit_jax.data.pipeline import BatchIterator
+from uvit_jax.dataset_specs import LATENT_DATASETS
 from uvit_jax.rundir import RunDir
 
-SPLITS = {"imagenet_latents": ("train",), "mscoco_latents": ("train", "val")}
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-COCO_HELP = ("download train2014.zip, val2014.zip and annotations_trainval2014.zip from https://cocodataset.org and "
-             "unzip them there, or use extract.source=tfds with a prepared coco_captions")
-
-
-def _rgb(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def center_square_lanczos(image: np.ndarray, size: int) -> np.ndarray:
-    """Official MS-COCO geometry (datasets.py `center_crop`): the central min(h, w) square, Lanczos-resized to
-    `size` x `size`."""
-    h, w = image.shape[:2]
-    side = min(h, w)
-    crop = image[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
-    return np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
-
-
-class ImageNetFolder:
-    """`DIR/<synset>/*.JPEG` in sorted order; label = index of the sorted synset names (official ImageNet)."""
-
-    def __init__(self, root: str, size: int):
-        if not os.path.isdir(root):
-            raise DatasetNotPreparedError(f"extract.source={root} is not a folder: give ImageNet's train dir "
-                                          "(DIR/<synset>/*.JPEG) or 'tfds'")
-        synsets = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.files, labels = [], []
-        for label, synset in enumerate(synsets):
-            names = sorted(n for n in os.listdir(os.path.join(root, synset)) if n.lower().endswith(IMAGE_EXTENSIONS))
-            self.files += [os.path.join(root, synset, n) for n in names]
-            labels += [label] * len(names)
-        if not self.files:
-            raise DatasetNotPreparedError(f"no images in {root}/<synset>/ (expected ImageNet's train layout)")
-        self.labels = np.asarray(labels, np.int32)
-        self.size, self.num_images = size, len(self.files)
-        self.description = f"folder {os.path.abspath(root)} ({len(synsets)} classes)"
-
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.stack([preprocess.center_crop_arr(_rgb(self.files[i]), self.size) for i in indices])
-        return {"image": preprocess.to_float(images), "label": self.labels[indices]}
-
-
-class ImageNetTFDS:
-    """TFDS imagenet2012 train (array_record), with the ADM centre crop (`data.PixelSource`, no flip)."""
-
-    def __init__(self, data_dir: str | None, size: int):
-        self._source = datasets.PixelSource("imagenet2012", data_dir, size, random_flip=False)
-        self.num_images = self._source.num_examples
-        self.description = f"tfds imagenet2012 train (data_dir {data_dir or 'default'})"
-
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return self._source.read(indices, np.zeros(len(indices), np.uint64), False)
-
-
-class CocoFolder:
-    """COCO 2014 `ROOT/{split}2014/*.jpg` + `ROOT/annotations/captions_{split}2014.json`; images sorted by id,
-    captions in file order (official MSCOCODatabase)."""
-
-    def __init__(self, root: str, split: str, size: int):
-        image_dir = os.path.join(root, f"{split}2014")
-        ann_file = os.path.join(root, "annotations", f"captions_{split}2014.json")
-        for path in (image_dir, ann_file):
-            if not os.path.exists(path):
-                raise DatasetNotPreparedError(f"MS-COCO {split}: {path} not found: {COCO_HELP}")
-        with open(ann_file) as f:
-            ann = json.load(f)
-        captions = collections.defaultdict(list)
-        for a in ann["annotations"]:
-            captions[a["image_id"]].append(a["caption"])
-        images = sorted(ann["images"], key=lambda im: im["id"])
-        self.ids = np.asarray([im["id"] for im in images], np.int64)
-        self.files = [os.path.join(image_dir, im["file_name"]) for im in images]
-        self._captions = [captions[im["id"]] for im in images]
-        _check_captions(self._captions, self.ids, ann_file)
-        self.size, self.num_images = size, len(self.files)
-        self.description = f"folder {os.path.abspath(root)} ({split}2014)"
-
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        images = np.stack([center_square_lanczos(_rgb(self.files[i]), self.size) for i in indices])
-        return {"image": preprocess.to_float(images)}
-
-    def captions(self, indices: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
-        return [self._captions[i] for i in indices], self.ids[indices]
-
-
-class CocoTFDS:
-    """TFDS coco_captions: train = train2014; val = val + test + restval (Karpathy's splits of val2014)."""
-
-    PARTS = {"train": ("train",), "val": ("val", "test", "restval")}
-
-    def __init__(self, split: str, data_dir: str | None, size: int):
-        builder = tfds.builder("coco_captions", data_dir=data_dir)
-        if not builder.is_prepared():
-            raise DatasetNotPreparedError(
-                f"TFDS dataset 'coco_captions' is not prepared in data_dir={data_dir!r} (looked for "
-                f"{builder.data_dir}); nothing is downloaded here. Prepare it with tfds build coco_captions "
-                f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record, or set "
-                "extract.source to the COCO root folder")
-        try:
-            self._parts = [builder.as_data_source(split=p) for p in self.PARTS[split]]
-            # Captions without decoding the images (every process reads all captions of a shard).
-            self._meta = [builder.as_data_source(split=p, decoders={"image": tfds.decode.SkipDecoding()})
-                          for p in self.PARTS[split]]
-        except NotImplementedError as e:
-            raise DatasetNotPreparedError(f"coco_captions in {builder.data_dir} is not array_record: convert it with "
-                                          f"tfds convert_format --dataset_version_dir={builder.data_dir} "
-                                          "--out_file_format=array_record") from e
-        self._starts = np.cumsum([0] + [len(p) for p in self._parts])
-        self.size, self.num_images = size, int(self._starts[-1])
-        self.description = f"tfds coco_captions {'+'.join(self.PARTS[split])} (data_dir {data_dir or 'default'})"
-
-    def _examples(self, sources, indices: np.ndarray) -> list[dict]:
-        part = np.searchsorted(self._starts, indices, side="right") - 1
-        return [sources[p][int(i - self._starts[p])] for p, i in zip(part, indices)]
-
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        images = [center_square_lanczos(ex["image"], self.size) for ex in self._examples(self._parts, indices)]
-        return {"image": preprocess.to_float(np.stack(images))}
-
-    def captions(self, indices: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
-        examples = self._examples(self._meta, indices)
-        texts = [[t.decode() if isinstance(t, bytes) else str(t) for t in ex["captions"]["text"]] for ex in examples]
-        ids = np.asarray([ex["image/id"] for ex in examples], np.int64)
-        _check_captions(texts, ids, "coco_captions")
-        return texts, ids
-
-
-def _check_captions(captions: list[list[str]], ids: np.ndarray, where: str) -> None:
-    empty = [int(i) for i, c in zip(ids, captions) if not c]
-    if empty:
-        raise ValueError(f"{where}: {len(empty)} image(s) without any caption, e.g. image id {empty[0]}")
-
-
-def open_images(config, split: str, size: int):
-    """The raw-image source extract.source names, for `config.dataset.name`'s dataset and `split`."""
-    source, data_dir = config.extract.source, config.extract.data_dir
-    if config.dataset.name == "imagenet_latents":
-        return ImageNetTFDS(data_dir, size) if source == "tfds" else ImageNetFolder(source, size)
-    return CocoTFDS(split, data_dir, size) if source == "tfds" else CocoFolder(source, split, size)
 
 
 class _Writer:
@@ -200,11 +58,18 @@ class _Writer:
         self._pool = ThreadPoolExecutor(1) if parallel.is_main_process() else None
         self._pending: Future | None = None
 
-    def submit(self, paths_and_arrays: list[tuple[str, object]]) -> None:
+    def submit(self, paths_and_arrays: list[tuple[str, object]], then: Callable[[], None]) -> None:
+        """Write the files, then call `then` (the shard's manifest record)."""
         if self._pool is None:
             return
         self.wait()
-        self._pending = self._pool.submit(lambda: [_write(p, a) for p, a in paths_and_arrays])
+
+        def job():
+            for p, a in paths_and_arrays:
+                _write(p, a)
+            then()
+
+        self._pending = self._pool.submit(job)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -215,6 +80,31 @@ class _Writer:
         self.wait()
         if self._pool is not None:
             self._pool.shutdown()
+
+
+# Host memory one encoded image takes on CPU at 256x256: XLA's memory analysis of the KL-f8 encoder says 0.10 GB of
+# temporaries per image; the runtime's own buffers about double it (batch 64, i.e. 128 encodes with mirrors, grew
+# past 24 GB and was killed by the kernel without a word). Scales with the pixel count.
+CPU_BYTES_PER_ENCODE_256 = 0.2e9
+
+
+def fit_batch(batch: int, per_image: float, size: int, available: float, devices: int) -> int:
+    """The largest global batch <= `batch` (a multiple of `devices`) whose encoder pass, `per_image` bytes an
+    image, fits in 80% of `available` host bytes; ConfigError when one image per device does not fit."""
+    fit = int(0.8 * available // per_image) // devices * devices
+    if fit < devices:
+        raise ConfigError(f"config.extract.batch_size: encoding {devices} image(s) at {size}x{size} needs about "
+                          f"{devices * per_image / 1e9:.1f} GB of host memory, {available / 1e9:.1f} GB are available")
+    return min(batch, fit)
+
+
+def _available_memory() -> float:
+    """MemAvailable of /proc/meminfo in bytes (inf where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return float("inf")
 
 
 def _write(path: str, value) -> None:
@@ -247,6 +137,24 @@ def _begin_split(out: str, split: str, plan: dict) -> None:
         files.write_json(path, manifest)
 
 
+def _record_shard(out: str, split: str, shard: int, kinds: tuple[str, ...]) -> None:
+    """The shard's file sizes and CRC-32s into the manifest, after its files (the reader checks them; a shard
+    without a record is redone)."""
+    record = {k: features.file_record(features.shard_file(out, split, k, shard)) for k in kinds}
+    manifest = features.read_manifest(out)
+    manifest["splits"][split].setdefault("shards", {})[f"{shard:05d}"] = record
+    files.write_json(os.path.join(out, features.MANIFEST), manifest)
+
+
+def _shard_done(out: str, split: str, shard: int, kinds: tuple[str, ...], recorded: dict) -> bool:
+    """Recorded in the manifest, every file there at its recorded size."""
+    record = recorded.get(f"{shard:05d}")
+    if record is None:
+        return False
+    paths = {k: features.shard_file(out, split, k, shard) for k in kinds}
+    return all(os.path.exists(p) and os.path.getsize(p) == record[k]["bytes"] for k, p in paths.items())
+
+
 def _finish_split(out: str, split: str, extra: dict) -> None:
     manifest = features.read_manifest(out)
     manifest["splits"][split].update(extra, complete=True)
@@ -260,12 +168,13 @@ def _pad_texts(texts: list[str], size: int) -> list[str]:
 def run(config, workdir: str) -> str | None:
     """Extract the splits the config needs into extract.output; returns the folder (None if preempted)."""
     name = config.dataset.name
-    if name not in SPLITS:
+    if name not in LATENT_DATASETS:
         raise ConfigError(f"config.dataset.name: --mode extract writes imagenet_latents or mscoco_latents (got "
                           f"{name!r}; pixel datasets are read directly)")
-    splits = tuple(config.extract.split.split(",")) if config.extract.split else SPLITS[name]
-    if not set(splits) <= set(SPLITS[name]):
-        raise ConfigError(f"config.extract.split: {name} has the splits {SPLITS[name]} (got {config.extract.split!r})")
+    known = LATENT_DATASETS[name].splits
+    splits = tuple(config.extract.split.split(",")) if config.extract.split else known
+    if not set(splits) <= set(known):
+        raise ConfigError(f"config.extract.split: {name} has the splits {known} (got {config.extract.split!r})")
     out = config.extract.output or RunDir(workdir).features
     f = latent.downsampling(config)
     size = config.extract.resolution or int(config.nnet.img_size) * f
@@ -278,6 +187,15 @@ def run(config, workdir: str) -> str | None:
     if name == "mscoco_latents":
         text = latent.make_text_encoder(config, mesh)
     batch = parallel.padded_size(config.extract.batch_size)
+    if jax.default_backend() == "cpu":  # host memory: the kernel kills an oversized batch without a message
+        per_image = CPU_BYTES_PER_ENCODE_256 * LATENT_DATASETS[name].examples_per_image * (size / 256) ** 2
+        available = _available_memory()
+        fit = fit_batch(batch, per_image, size, available, jax.device_count())
+        if fit < batch:
+            logging.warning("config.extract.batch_size=%d needs about %.1f GB of host memory at %dx%d, %.1f GB are "
+                            "available: encoding %d images at a time (set extract.batch_size to choose)",
+                            config.extract.batch_size, batch * per_image / 1e9, size, size, available / 1e9, fit)
+            batch = fit
     if parallel.is_main_process() and os.path.isdir(out):
         removed = files.remove_dead_leftovers(out)
         if removed:
@@ -287,7 +205,7 @@ def run(config, workdir: str) -> str | None:
         if text is not None:
             _empty_context(out, text, config, batch)
         for split in splits:
-            source = open_images(config, split, size)
+            source = raw_images.open_raw_images(name, config.extract.source, config.extract.data_dir, split, size)
             if not _extract_split(config, out, split, source, size, encode, text, mesh, batch, steps):
                 logging.info("Preemption requested: stopped; run the same command again to finish %s", out)
                 return None
@@ -310,7 +228,7 @@ def _empty_context(out: str, text, config, batch: int) -> None:
 def _extract_split(config, out, split, source, size, encode, text, mesh, batch, steps) -> bool:
     """Encode the missing shards of one split; True when the split is complete."""
     coco = text is not None
-    per_image = 1 if coco else 2  # ImageNet: the image and its mirror
+    per_image = LATENT_DATASETS[config.dataset.name].examples_per_image  # ImageNet: the image and its mirror
     shard_size, n = int(config.extract.shard_size), source.num_images
     f = latent.downsampling(config)
     plan = {"dataset": config.dataset.name, "source": source.description, "resolution": size,
@@ -324,9 +242,12 @@ def _extract_split(config, out, split, source, size, encode, text, mesh, batch, 
         os.makedirs(os.path.join(out, split), exist_ok=True)
         _begin_split(out, split, plan)
     num_shards = math.ceil(n / shard_size)
-    kinds = ("moments", "contexts", "caption_offsets", "captions") if coco else ("moments", "labels")
-    done = _broadcast(np.array([all(os.path.exists(features.shard_file(out, split, k, s)) for k in kinds)
-                                for s in range(num_shards)]))
+    kinds = features.shard_kinds(config.dataset.name)
+    done = np.zeros(num_shards, bool)
+    if parallel.is_main_process():  # the others take process 0's answer
+        recorded = features.read_manifest(out)["splits"][split].get("shards", {})
+        done = np.array([_shard_done(out, split, s, kinds, recorded) for s in range(num_shards)])
+    done = _broadcast(done)
     todo = [s for s in range(num_shards) if not done[s]]
     local = batch // jax.process_count()
     first = jax.process_index() * local  # this process's rows of every global batch
@@ -379,14 +300,15 @@ def _extract_split(config, out, split, source, size, encode, text, mesh, batch, 
             acc.clear()
             if coco:
                 arrays.update(_encode_captions(source, lo, hi, text, batch))
-            writer.submit([(features.shard_file(out, split, k, s), arrays[k]) for k in kinds])
+            writer.submit([(features.shard_file(out, split, k, s), arrays[k]) for k in kinds],
+                          functools.partial(_record_shard, out, split, s, kinds))
             written += 1
             if written % config.extract.log_interval == 0 or written == len(todo):
                 speed = "(speed from the second batch on: the first one compiles)"
                 if timed_images:
                     rate = timed_images / (time.perf_counter() - t_start)
                     left = sum(bounds(t)[1] - bounds(t)[0] for t in todo[written:])
-                    speed = (f"{rate:.1f} images/s{' (x2 with mirrors)' if not coco else ''}  "
+                    speed = (f"{console.format_rate(rate, 'image')}{' (x2 with mirrors)' if not coco else ''}  "
                              f"ETA {console.format_duration(left / rate)}")
                 logging.info("%s: shard %d/%d (%d written this run)  %s", split, num_shards - len(todo) + written,
                              num_shards, written, speed)

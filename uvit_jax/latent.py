@@ -1,4 +1,4 @@
-"""The frozen networks around the latent configs, and the text conditions of text-to-image sampling.
+"""The frozen networks around the latent configs: the KL-f8 autoencoder and the CLIP text encoder.
 
 The KL-f8 autoencoder (`autoencoder.*`) and the CLIP text encoder (`clip.*`) are loaded from the files the config
 names and jitted over the mesh (batch split over every device, weights replicated) in float32 under
@@ -17,8 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from uvit_jax import convert, data, parallel, rng
-from uvit_jax.data.preprocess import example_bits
+from uvit_jax import convert, data, parallel
 from uvit_jax.models import clip_tokenizer
 from uvit_jax.models.clip_text import CLIPTextModel
 
@@ -46,6 +45,18 @@ def _weights(path: str | None, key: str, source: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"config.{key}={path} not found: get it from {source}")
     return path
+
+
+def check_weights(config, mode: str) -> None:
+    """The weights files `mode` will load exist, or FileNotFoundError now (not after a checkpoint restore): the
+    autoencoder of a latent config (train: grids and FID decode; sample; extract), CLIP for a prompts file or a
+    text dataset's extraction."""
+    if not is_latent(config) or mode not in ("train", "sample", "extract"):
+        return
+    _weights(config.autoencoder.pretrained_path, "autoencoder.pretrained_path", AUTOENCODER_SOURCE)
+    if (mode == "sample" and config.sample.prompts) or (mode == "extract" and
+                                                        data.LATENT_DATASETS[config.dataset.name].captions):
+        _weights(config.clip.pretrained_path, "clip.pretrained_path", CLIP_SOURCE)
 
 
 def load_autoencoder(config):
@@ -118,29 +129,3 @@ def make_text_encoder(config, mesh) -> Callable[[list[str]], np.ndarray]:
 
     return encode
 
-
-class TextConditions:
-    """Contexts of a split's captions for sampling, one random caption per image, as the official
-    eval_t2i_discrete.py draws them (a shuffled pass over the validation images).
-
-    Batch i holds images order(i*n .. i*n+n-1) of a permutation seeded from (config.seed, rng.LABELS), each with
-    caption `bits % count` from the same seed: a pure function of (seed, i, n), so resumed runs draw the same.
-    """
-
-    def __init__(self, config, split: str = "val"):
-        self.source = data.open_source(config.dataset, split=split)
-        self.split = split
-        self.seed = int(example_bits(config.seed, rng.LABELS, np.zeros(1, np.int64))[0])
-        self.order = data.EpochShuffle(self.source.num_examples, self.seed)
-
-    def batch(self, index: int, n: int) -> dict[str, np.ndarray]:
-        """{"context" (n, 77, D) float32, "caption_index" (n, 2) int64 = (image, caption k), and "captions" (n,)
-        str when the folder keeps the texts (ours does; the official feature folders do not)}."""
-        positions = np.int64(index) * n + np.arange(n, dtype=np.int64)
-        images, bits = self.order(positions), example_bits(self.seed, 0, positions)
-        context = self.source.read(images, bits, False)["context"]
-        ks = (bits % self.source.n_captions[images].astype(np.uint64)).astype(np.int64)  # the choice `read` made
-        out = {"context": context.astype(np.float32), "caption_index": np.stack([images, ks], axis=1)}
-        if hasattr(self.source, "captions"):
-            out["captions"] = np.array([caps[k] for caps, k in zip(self.source.captions(images), ks)])
-        return out

@@ -124,7 +124,7 @@ def sample_to_dir(config, workdir: str) -> str:
             logging.warning("sample.random_params without autoencoder weights: writing undecoded latents (timing)")
         else:
             decode = latent.make_decoder(config, mesh)
-    texts = latent.TextConditions(config, "val") if cond.kind == "text" else None
+    texts = data.TextConditions(config, "val") if cond.kind == "text" else None
     label_probs = label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class" else None
     null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
     batch_sharding = parallel.batch_sharding(mesh)

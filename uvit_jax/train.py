@@ -168,8 +168,9 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
                 if peak:
                     scalars["mfu"] = scalars["tflops_per_sec_per_device"] * 1e12 / peak
                 writer.write_scalars(step, scalars)
-                logging.info("step %d/%d  loss %.4f  %.1f steps/s (%.0f img/s)  ETA %s", step, cfg_t.n_steps,
-                             scalars["loss"], rate, scalars["images_per_sec"],
+                logging.info("step %d/%d  loss %.4f  %s (%s)  ETA %s", step, cfg_t.n_steps, scalars["loss"],
+                             console.format_rate(rate, "step"),
+                             console.format_rate(scalars["images_per_sec"], "image"),
                              console.format_duration((cfg_t.n_steps - step) / max(rate, 1e-9)))
             stop = preemption.should_stop(step)
             if step % cfg_t.eval_interval == 0 or step == cfg_t.n_steps:
@@ -225,9 +226,9 @@ class _GridWriter:
             self.cond = jax.device_put(cond.grid_labels(self.n), trainer.batch_sharding)
         elif cond.kind == "text":
             try:
-                texts = latent.TextConditions(config, "val")
+                texts = data.TextConditions(config, "val")
             except data.DatasetNotPreparedError:  # no validation split extracted: training captions
-                texts = latent.TextConditions(config, "train")
+                texts = data.TextConditions(config, "train")
             self.cond = latent.host_to_global(texts.batch(0, self.n)["context"], trainer.mesh)
         fn = generate.make_generate_from_config(config, make_apply(config, mesh=trainer.mesh),
                                                 image_shape=info["image_shape"],

@@ -22,15 +22,19 @@ Batches (numpy, this process's rows of the global batch):
 `dataset_info(cfg)` -> {"image_shape": (H, W, C) the model sees (latents: (h, w, 4)), "num_classes": int (0: none),
 "num_examples": int, and for latents "moments_shape" (h, w, 8), for COCO "context_shape" (77, 768)}.
 """
-from uvit_jax.data.datasets import KNOWN_DATASETS, PIXEL_DATASETS, DatasetNotPreparedError, PixelSource, class_count
+from uvit_jax.data.datasets import (KNOWN_DATASETS, PIXEL_DATASETS, CorruptFeaturesError, DatasetNotPreparedError,
+                                    PixelSource, class_count)
 from uvit_jax.data.digits import UvitDigits, load_mnist_5k, prepare_digits
 from uvit_jax.data.latents import CocoLatents, ImageNetLatents, load_empty_context, load_vis_prompts
-from uvit_jax.data.pipeline import (LATENT_DATASETS, BatchIterator, EpochShuffle, dataset_info, make_eval_batches,
-                                    make_train_batches, open_source)
+from uvit_jax.data.pipeline import (BatchIterator, EpochShuffle, dataset_info, make_eval_batches, make_train_batches,
+                                    open_source)
+from uvit_jax.data.text_conditions import TextConditions
+from uvit_jax.dataset_specs import LATENT_DATASETS
 
 __all__ = [
-    "KNOWN_DATASETS", "PIXEL_DATASETS", "LATENT_DATASETS", "class_count", "DatasetNotPreparedError", "PixelSource",
+    "KNOWN_DATASETS", "PIXEL_DATASETS", "LATENT_DATASETS", "class_count", "CorruptFeaturesError",
+    "DatasetNotPreparedError", "PixelSource",
     "UvitDigits", "load_mnist_5k",
     "prepare_digits", "CocoLatents", "ImageNetLatents", "load_empty_context", "load_vis_prompts", "BatchIterator",
-    "EpochShuffle", "dataset_info", "make_eval_batches", "make_train_batches", "open_source",
+    "EpochShuffle", "dataset_info", "make_eval_batches", "make_train_batches", "open_source", "TextConditions",
 ]

@@ -45,6 +45,11 @@ class DatasetNotPreparedError(FileNotFoundError):
     """A dataset is missing, or stored in a format that cannot be read by random access."""
 
 
+class CorruptFeaturesError(DatasetNotPreparedError, ValueError):
+    """A feature file that does not hold what its manifest, its header or its dataset promise; the message names
+    the file and what is wrong (a user error: the file has to be extracted again)."""
+
+
 def _geometry(name: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
     if name == "uvit_digits":
         if size == 28:

@@ -22,7 +22,9 @@ import re
 
 import numpy as np
 
-from uvit_jax.data.datasets import DatasetNotPreparedError
+from uvit_jax.data.datasets import CorruptFeaturesError, DatasetNotPreparedError
+from uvit_jax.data.preprocess import caption_index
+from uvit_jax.dataset_specs import LATENT_DATASETS, latent_split
 
 _CAPTION = re.compile(r"^(\d+)_(\d+)\.npy$")
 
@@ -91,8 +93,9 @@ def _pair(file: str, first: type | tuple[type, ...], what: str) -> tuple:
 
 def _missing(kind: str, path: str, script: str) -> DatasetNotPreparedError:
     return DatasetNotPreparedError(
-        f"{kind} features not found at {path!r}. Extract them with the official U-ViT script {script}, "
-        f"then set dataset.path to that directory.")
+        f"{kind} features not found at {path!r}: extract them with --mode extract (the same config and workdir W "
+        f"write W/features), then set --config.dataset.path=W/features; or set dataset.path to the output of the "
+        f"official U-ViT script {script}")
 
 
 def count_indexed_files(directory: str) -> int:
@@ -113,14 +116,21 @@ def count_indexed_files(directory: str) -> int:
 
 def _nchw_to_nhwc(moments: np.ndarray, where: str) -> np.ndarray:
     if moments.ndim != 3 or moments.shape[0] != 8:
-        raise ValueError(f"{where}: expected moments of shape (8, h, w) (NCHW, [mean | logvar]), got {moments.shape}")
-    return np.transpose(moments, (1, 2, 0)).astype(np.float32)
+        raise CorruptFeaturesError(f"{where}: expected moments of shape (8, h, w) (NCHW, [mean | logvar]), got "
+                                   f"{moments.shape}")
+    return _finite(np.transpose(moments, (1, 2, 0)).astype(np.float32), where, "moments")
+
+
+def _finite(x: np.ndarray, where: str, what: str) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise CorruptFeaturesError(f"{where}: holds non-finite {what}")
+    return x
 
 
 class ImageNetLatents:
     """`{idx}.npy` = (moments (8,h,w), label) files -> {"moments" (n,h,w,8) float32, "label" (n,) int32}."""
 
-    num_classes = 1000
+    num_classes = LATENT_DATASETS["imagenet_latents"].num_classes
     keys = ("moments", "label")
 
     def __init__(self, path: str, num_examples: int | None = None):
@@ -138,7 +148,9 @@ class ImageNetLatents:
         file = os.path.join(self.path, f"{idx}.npy")
         moments, label = _pair(file, np.ndarray, "(moments, label)")  # the official files are pickled pairs
         if not isinstance(label, (int, np.integer)):
-            raise ValueError(f"{file}: the label is a {type(label).__name__}, not an integer")
+            raise CorruptFeaturesError(f"{file}: the label is a {type(label).__name__}, not an integer")
+        if not 0 <= label < self.num_classes:
+            raise CorruptFeaturesError(f"{file}: label {label} is outside 0..{self.num_classes - 1}")
         return _nchw_to_nhwc(moments, file), int(label)
 
     def read(self, indices: np.ndarray, bits: np.ndarray, train: bool) -> dict[str, np.ndarray]:
@@ -151,17 +163,15 @@ class ImageNetLatents:
 class CocoLatents:
     """COCO feature dir split -> {"moments" (n,32,32,8) float32, "context" (n,77,768) float32}.
 
-    One caption per access, chosen uniformly from the image's captions by the example's random bits (so the same
-    (seed, position) always picks the same caption).
+    One caption per access, `preprocess.caption_index` of the example's random bits (so the same (seed, position)
+    always picks the same caption).
     """
 
     num_classes = 0
     keys = ("moments", "context")
 
     def __init__(self, path: str, split: str = "train", num_examples: int | None = None):
-        sub = {"train": "train", "val": "val", "test": "val"}.get(split)
-        if sub is None:
-            raise ValueError(f"mscoco_latents: split must be 'train' or 'val', got {split!r}")
+        sub = latent_split("mscoco_latents", split)
         self.path = path
         self.directory = os.path.join(path or "", sub)
         script = f"scripts/extract_mscoco_feature.py --split={sub}"
@@ -188,13 +198,14 @@ class CocoLatents:
         return counts
 
     def read(self, indices: np.ndarray, bits: np.ndarray, train: bool) -> dict[str, np.ndarray]:
-        """Examples `indices`, each with the caption `bits % n_captions` (also at eval: one random caption)."""
+        """Examples `indices`, each with the caption `caption_index` picks (also at eval: one random caption)."""
         del train
         indices = np.asarray(indices, np.int64)
-        ks = (np.asarray(bits, np.uint64) % self.n_captions[indices].astype(np.uint64)).astype(np.int64)
+        ks = caption_index(bits, self.n_captions[indices])
         moments = [_nchw_to_nhwc(load_npy(os.path.join(self.directory, f"{i}.npy")), f"{self.directory}/{i}.npy")
                    for i in indices]
-        contexts = [load_npy(os.path.join(self.directory, f"{i}_{k}.npy")) for i, k in zip(indices, ks)]
+        contexts = [_finite(load_npy(path), path, "context")
+                    for path in (os.path.join(self.directory, f"{i}_{k}.npy") for i, k in zip(indices, ks))]
         return {"moments": np.stack(moments), "context": np.stack(contexts).astype(np.float32)}
 
 

@@ -22,10 +22,9 @@ import numpy as np
 
 from uvit_jax.data import datasets, features, latents
 from uvit_jax.data.preprocess import example_bits
-from uvit_jax.dataset_specs import DEFAULT_CACHE_GB
+from uvit_jax.dataset_specs import DEFAULT_CACHE_GB, LATENT_DATASETS, latent_split
 
 _AUGMENT_STREAM = 0  # example_bits stream of per-position randomness; shuffles use streams 1 + epoch
-LATENT_DATASETS = ("imagenet_latents", "mscoco_latents")
 
 
 class Source(Protocol):
@@ -55,8 +54,7 @@ def open_source(dataset_cfg: Any, *, data_dir: str | None = None, split: str = "
     if name in LATENT_DATASETS and features.is_extracted(path):  # ours (--mode extract), else the official folders
         return features.ExtractedLatents(path, name, split)
     if name == "imagenet_latents":
-        if split != "train":
-            raise ValueError(f"imagenet_latents: only the train split is extracted, got split={split!r}")
+        latent_split(name, split)
         return latents.ImageNetLatents(path)
     if name == "mscoco_latents":
         return latents.CocoLatents(path, split)

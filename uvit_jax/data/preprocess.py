@@ -44,6 +44,12 @@ def flip_bits(bits: np.ndarray) -> np.ndarray:
     return (bits & np.uint64(1)).astype(bool)
 
 
+def caption_index(bits: np.ndarray, n_captions: np.ndarray) -> np.ndarray:
+    """Which caption of each image an access uses: `bits % n_captions`, uniform over the image's captions (the
+    official MS-COCO loader draws one at random per access), from the access's `example_bits`."""
+    return (np.asarray(bits, np.uint64) % np.asarray(n_captions).astype(np.uint64)).astype(np.int64)
+
+
 def pad_to(image: np.ndarray, size: int, value: int = 0) -> np.ndarray:
     """Centre an HWC image on a `size`x`size` canvas filled with `value` (digits: 28 -> 32, black = -1)."""
     h, w = image.shape[:2]
@@ -95,3 +101,12 @@ def center_crop_arr(image: np.ndarray, size: int) -> np.ndarray:
     arr = _array(pil, image.shape[-1])
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return np.ascontiguousarray(arr[top:top + size, left:left + size])
+
+
+def center_square_lanczos(image: np.ndarray, size: int) -> np.ndarray:
+    """Official MS-COCO geometry (datasets.py `center_crop`): the central min(h, w) square, Lanczos-resized to
+    `size` x `size`."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    crop = image[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
