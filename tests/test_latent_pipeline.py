@@ -182,7 +182,8 @@ def test_imagenet_from_raw_images_to_fid(assets, tmp_path, monkeypatch):
     assert extract.run(config, workdir) is None
     manifest = features.read_manifest(feats)
     assert not manifest["splits"]["train"]["complete"]
-    assert sorted(os.listdir(os.path.join(feats, "train"))) == ["labels-00000.npy", "moments-00000.npy"]
+    assert sorted(os.listdir(os.path.join(feats, "train"))) == ["labels-00000.npy", "labels_crc32-00000.npy",
+                                                                "moments-00000.npy", "moments_crc32-00000.npy"]
     with pytest.raises(data.DatasetNotPreparedError, match="incomplete"):
         data.dataset_info(config.dataset)
     first_shard = os.path.getmtime(features.shard_file(feats, "train", "moments", 0))
@@ -304,10 +305,13 @@ def _damage(feats: str, how: str) -> str:
     else:
         array[3] = 1000
     np.save(target, array)
-    if how.endswith("as extracted"):  # as if the extraction itself had written it: the record matches
+    if how.endswith("as extracted"):  # as if the extraction itself had written it: the records match
+        kind = os.path.basename(target).split("-")[0]
+        crcs = features.shard_file(feats, "train", f"{kind}_crc32", 1)
+        np.save(crcs, features.row_crcs(array))
         manifest = features.read_manifest(feats)
-        manifest["splits"]["train"]["shards"]["00001"][os.path.basename(target).split("-")[0]] = \
-            features.file_record(target)
+        for k, path in ((kind, target), (f"{kind}_crc32", crcs)):
+            manifest["splits"]["train"]["shards"]["00001"][k] = features.file_record(path)
         with open(os.path.join(feats, features.MANIFEST), "w") as f:
             json.dump(manifest, f)
     return target
@@ -315,9 +319,9 @@ def _damage(feats: str, how: str) -> str:
 
 @pytest.mark.parametrize("how, what", [
     ("truncated", "bytes, the manifest records"),
-    ("garbage", "CRC-32 differs"),
-    ("nan", "CRC-32 differs"),
-    ("label", "CRC-32 differs"),
+    ("garbage", "row 1 differs from its CRC-32 recorded at extraction"),
+    ("nan", "row 2 differs from its CRC-32"),
+    ("label", "row 3 differs from its CRC-32"),
     ("nan as extracted", "row 2 holds non-finite moments"),
     ("label as extracted", "row 3 holds label 1000, outside 0..999"),
 ])

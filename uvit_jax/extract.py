@@ -12,12 +12,13 @@ Sources (extract.source, read by `uvit_jax/data/raw_images.py`): "tfds" (the pre
 `coco_captions`), or a folder: ImageNet's train dir (`DIR/<synset>/*.JPEG`) or the COCO 2014 root.
 
 Output (`extract.output`, default WORKDIR/features; read by `uvit_jax/data/features.py`, whose docstring has the
-layout): fixed-size .npy shards per split and a JSON manifest (image count, shapes, source, plan, each shard's file
-sizes and CRC-32s). Chosen over array_record because the shard is also the unit of resume: its files are written
-atomically, then its record goes into the manifest, and a recorded shard whose files have the recorded sizes is
-skipped, so a rerun after preemption does exactly what is missing and duplicates nothing; a row is one pread at an
-offset computed from the .npy header (no per-record deserialisation or index), so training's random access costs
-what the official `{idx}.npy` files cost, with a thousandth of the files; and any numpy opens a shard.
+layout): fixed-size .npy shards per split (with the CRC-32 of every row) and a JSON manifest (image count, shapes,
+source, plan, each shard file's size and CRC-32). Chosen over array_record because the shard is also the unit of
+resume: its files are written atomically, then its record goes into the manifest, and a recorded shard whose files
+have the recorded sizes is skipped, so a rerun after preemption does exactly what is missing and duplicates
+nothing; a row is one pread at an offset computed from the .npy header (no per-record deserialisation or index), so
+training's random access costs what the official `{idx}.npy` files cost, with a thousandth of the files; and any
+numpy opens a shard.
 The manifest marks a split complete only when every shard is on disk; the training reader refuses incomplete ones.
 
 Parallelism: every process reads and preprocesses its own rows of each global batch (extract.batch_size images,
@@ -148,8 +149,8 @@ def _record_shard(out: str, split: str, shard: int, kinds: tuple[str, ...]) -> N
 
 def _shard_done(out: str, split: str, shard: int, kinds: tuple[str, ...], recorded: dict) -> bool:
     """Recorded in the manifest, every file there at its recorded size."""
-    record = recorded.get(f"{shard:05d}")
-    if record is None:
+    record = recorded.get(f"{shard:05d}", {})
+    if set(kinds) - set(record):
         return False
     paths = {k: features.shard_file(out, split, k, shard) for k in kinds}
     return all(os.path.exists(p) and os.path.getsize(p) == record[k]["bytes"] for k, p in paths.items())
@@ -300,6 +301,8 @@ def _extract_split(config, out, split, source, size, encode, text, mesh, batch, 
             acc.clear()
             if coco:
                 arrays.update(_encode_captions(source, lo, hi, text, batch))
+            arrays.update({f"{k}_crc32": features.row_crcs(arrays[k]) for k in ("moments", "labels", "contexts")
+                           if k in arrays})
             writer.submit([(features.shard_file(out, split, k, s), arrays[k]) for k in kinds],
                           functools.partial(_record_shard, out, split, s, kinds))
             written += 1
