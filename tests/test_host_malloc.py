@@ -59,3 +59,21 @@ def test_settings_apply_only_where_jax_computes_on_the_cpu(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv(host_malloc.OPT_OUT, "default")
     assert not host_malloc.tune_for_xla_cpu()  # the opt-out
+
+
+def test_libtpu_without_a_tpu_chip_still_means_the_cpu(monkeypatch):
+    """libtpu is installed to compile for TPU topologies on any machine (uvit_jax/tpu_plan.py): JAX computes on the
+    CPU unless a TPU chip is attached, so the CPU settings still apply."""
+    import importlib.util
+
+    from uvit_jax import tpu_env
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else None if name == "jax_plugins"
+                        else real(name, *a))
+    monkeypatch.setattr(tpu_env, "tpu_attached", lambda: False)
+    assert host_malloc.jax_will_use_cpu()
+    monkeypatch.setattr(tpu_env, "tpu_attached", lambda: True)
+    assert not host_malloc.jax_will_use_cpu()

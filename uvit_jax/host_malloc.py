@@ -20,6 +20,8 @@ import importlib.metadata
 import importlib.util
 import os
 
+from uvit_jax import tpu_env
+
 # mallopt(3) parameters (glibc malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = {M_ARENA_MAX: 1,  # every thread allocates from the main heap ...
@@ -34,8 +36,11 @@ def jax_will_use_cpu() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "").strip()
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
+    # A GPU plugin (jax_cuda12_plugin, jax_rocm...) makes JAX compute on the GPU; libtpu alone does only where a
+    # TPU is attached (it is also installed to compile for TPU topologies from a CPU machine: uvit_jax/tpu_plan.py).
     has_plugin = len(importlib.metadata.entry_points(group="jax_plugins")) > 0
-    return not (has_plugin or importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins"))
+    tpu = importlib.util.find_spec("libtpu") is not None and tpu_env.tpu_attached()
+    return not (has_plugin or tpu or importlib.util.find_spec("jax_plugins"))
 
 
 def tune_for_xla_cpu() -> bool:
