@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
@@ -44,12 +44,27 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
 
 
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all devices of all processes)."""
+    """A (data, fsdp) mesh over `devices` (default: all devices of all processes; real or a TPU topology's).
+
+    Within a slice, `mesh_utils.create_device_mesh` lays the fsdp axis (the most talkative) along the ICI torus;
+    across slices (devices with several `slice_index`es), `create_hybrid_device_mesh` puts `data` over DCN and keeps
+    each fsdp group inside one slice, so only the gradient all-reduce crosses slices."""
     devices = list(jax.devices() if devices is None else devices)
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"mesh: fsdp={fsdp} must be >= 1 and divide the device count {len(devices)}")
-    grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    per_slice = len(devices) // slices
+    if fsdp < 1 or per_slice % fsdp:
+        raise ValueError(f"mesh: fsdp={fsdp} must be >= 1 and divide the {per_slice} devices of a slice")
+    if slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh((per_slice // fsdp, fsdp), (slices, 1), devices,
+                                                    allow_split_physical_axes=True)
+    else:
+        grid = mesh_utils.create_device_mesh((per_slice // fsdp, fsdp), devices, allow_split_physical_axes=True)
     return Mesh(grid, DATA_AXES)
+
+
+def slice_count(mesh: Mesh) -> int:
+    """How many TPU slices (DCN-connected groups of devices) the mesh spans; 1 off multi-slice TPU."""
+    return len({getattr(d, "slice_index", 0) for d in mesh.devices.flat})
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -97,13 +112,6 @@ def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
     """Per-process numpy batches (leading axis = this process's share) -> global jax.Arrays split over the mesh."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
-
-
-def local_batch_size(global_batch_size: int) -> int:
-    """This process's share of a global batch; the batch must split evenly over processes and devices."""
-    if global_batch_size % jax.device_count():
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the device count {jax.device_count()}")
-    return global_batch_size // jax.process_count()
 
 
 def is_main_process() -> bool:

@@ -148,16 +148,17 @@ def make_train_step(config, *, null_cond=None, mesh=None) -> Callable[[State, di
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
-def compiler_options() -> dict | None:
-    """XLA options for the train step on this backend (None: XLA's defaults)."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+def compiler_options(mesh) -> dict | None:
+    """XLA options for the train step on the mesh's devices (None: XLA's defaults; a TPU topology's mesh compiled
+    on a CPU host gets none of the CPU-only options)."""
+    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
 class Trainer:
     """The mesh, shardings and jitted functions of one run (no I/O); `train.train_and_evaluate` drives it."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh=None, null_cond=None):
-        validate(config, jax.device_count())
+        validate(config, jax.device_count() if mesh is None else mesh.size)  # a topology's mesh: its devices
         self.config = config
         self.mesh = mesh or parallel.make_mesh(config.mesh.fsdp)
         self.abstract_state = jax.eval_shape(functools.partial(init_state, config), jax.random.key(0))
@@ -168,7 +169,7 @@ class Trainer:
         self.step_fn = jax.jit(make_train_step(config, null_cond=null_cond, mesh=self.mesh),
                                in_shardings=(self.state_sharding, self.batch_sharding),
                                out_shardings=(self.state_sharding, self.replicated), donate_argnums=0,
-                               compiler_options=compiler_options())
+                               compiler_options=compiler_options(self.mesh))
 
     def init(self) -> State:
         return self._init(rng.stream_key(self.config.seed, rng.INIT))
