@@ -18,11 +18,12 @@ import errno
 import os
 import traceback
 
-from uvit_jax import host_malloc
+from uvit_jax import host_malloc, tpu_env
 
 host_malloc.tune_for_xla_cpu()  # before any thread starts (a thread keeps its malloc arena): see the module
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tpu_env.quiet_libtpu_off_tpu()  # libtpu installed on a machine without a TPU: no start-up warnings
 # TensorFlow only decodes images and writes TensorBoard here; with its oneDNN ops on it prints a notice at import
 # that TF_CPP_MIN_LOG_LEVEL does not silence.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -47,6 +48,10 @@ _BENCH_STEPS = flags.DEFINE_integer("benchmark_steps", 10, "--mode benchmark: ti
                                     lower_bound=1)
 _BENCH_COMPILE_ONLY = flags.DEFINE_bool("benchmark_compile_only", False, "--mode benchmark: compile the train step "
                                         "without running it; report XLA's memory and FLOP estimates.")
+_BENCH_TOPOLOGY = flags.DEFINE_string(
+    "benchmark_topology", None, "--mode benchmark --benchmark_compile_only: compile for this Cloud TPU topology "
+    "instead (e.g. v5e:2x4, v5e:16x16, v5p:2x2x2; needs libtpu, no TPU): per-chip memory against HBM, collectives.")
+_BENCH_SLICES = flags.DEFINE_integer("benchmark_slices", 1, "--benchmark_topology: how many such slices (over DCN).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -139,7 +144,8 @@ def main(argv):
         parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
         console.setup(flags.FLAGS.verbosity, main_process=parallel.is_main_process())
         parallel.check_device_count(config.mesh.expect_devices)
-        validate(config, jax.device_count())
+        if not _BENCH_TOPOLOGY.value:  # a topology's mesh is checked against its own device count
+            validate(config, jax.device_count())
         logging.info("uvit-jax %s: workdir %s, %d devices (%s) in %d process(es)", mode, workdir,
                      jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
         _run_mode(mode, config, workdir)
@@ -179,6 +185,10 @@ def _run_mode(mode, config, workdir):
         from uvit_jax import eval_mode
         eval_mode.evaluate_workdir(config, workdir)
     elif mode == "benchmark":
+        if _BENCH_TOPOLOGY.value:
+            from uvit_jax import tpu_plan
+            tpu_plan.run(config, workdir, _BENCH_TOPOLOGY.value, _BENCH_SLICES.value)
+            return
         from uvit_jax import benchmark
         benchmark.run(config, workdir, steps=_BENCH_STEPS.value, compile_only=_BENCH_COMPILE_ONLY.value)
     elif mode == "extract":
@@ -237,7 +247,8 @@ def _user_errors() -> tuple:
     from uvit_jax.data.datasets import DatasetNotPreparedError
     from uvit_jax.eval_mode import MissingFeatureNetworkError
     from uvit_jax.sample import NoParamsError
-    return (ConversionError, ConfigError, parallel.DeviceCountError, DatasetNotPreparedError,
+    from uvit_jax.tpu_plan import TopologyError
+    return (ConversionError, TopologyError, ConfigError, parallel.DeviceCountError, DatasetNotPreparedError,
             MissingFeatureNetworkError, NoParamsError,
             workdir_lock.WorkdirLockedError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointCorruptError,
             FileNotFoundError)

@@ -58,21 +58,22 @@ def synthetic_batch(config, global_batch: int) -> dict:
     return batch
 
 
-def _trainer(config) -> Trainer:
+def make_trainer(config, mesh=None) -> Trainer:
+    """The run's Trainer (over `mesh`, default all devices) with a null condition of the right shape."""
     cond = Conditioning.from_config(config)
     null_cond = None
     if config.dataset.p_uncond > 0:  # the empty-text context only matters for its shape here
         null_cond = cond.null_condition(np.zeros(cond.context_shape, np.float32) if cond.kind == "text" else None)
-    return Trainer(config, null_cond=null_cond)
+    return Trainer(config, mesh=mesh, null_cond=null_cond)
 
 
-def _flops(compiled) -> float:
+def flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device program
     return float(cost.get("flops", 0.0))
 
 
-def _memory(compiled) -> dict:
+def memory(compiled) -> dict:
     """XLA's memory analysis of one device's program, in GiB."""
     m = compiled.memory_analysis()
     if m is None:
@@ -100,13 +101,13 @@ def forward_flops(config, batch: int) -> tuple[float, float]:
     elif cond.kind == "class":
         c = jax.ShapeDtypeStruct((batch,), jnp.int32)
     compiled = jax.jit(apply).lower(params, x, t, c).compile()
-    return _flops(compiled) / batch, 2.0 * models.forward_macs(nnet)
+    return flops(compiled) / batch, 2.0 * models.forward_macs(nnet)
 
 
 def run(config, workdir: str, steps: int = 10, compile_only: bool = False) -> dict:
     """Compile the train step (and, unless `compile_only`, time `steps` of it and a forward); return the figures
     written to WORKDIR/benchmark.json."""
-    trainer = _trainer(config)
+    trainer = make_trainer(config)
     global_batch = config.train.batch_size
     per_device = global_batch // jax.device_count()
     abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, *v.shape[1:]), v.dtype, sharding=trainer.batch_sharding)
@@ -125,9 +126,9 @@ def run(config, workdir: str, steps: int = 10, compile_only: bool = False) -> di
         "use_checkpoint": bool(nnet.get("use_checkpoint", False)), "global_batch": global_batch,
         "per_device_batch": per_device, "params": int(models.count_params(nnet)), "compile_s": compile_s,
         "compile_only": compile_only, "cpu_compile_options": options, "host_malloc_tuned": host_malloc.applied,
-        **_memory(compiled),
+        **memory(compiled),
         "xla_forward_flops": xla_fwd, "analytic_forward_flops": analytic_fwd,
-        "xla_train_step_flops_per_image": _flops(compiled) / max(per_device, 1),
+        "xla_train_step_flops_per_image": flops(compiled) / max(per_device, 1),
         "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     }
     if not compile_only:

@@ -126,6 +126,16 @@ def training_fid_sampler(config) -> dict:
     return dict(s, steps=50, order=3, scale=float(config.sample.scale) if text else 0.0)
 
 
+def training_fid_generate(config, image_shape: tuple[int, ...], mesh, null_context=None):
+    """`generate(params, key, cond, batch_size)` of `training_fid_sampler` (make_generate_fn; jit it over `mesh`)."""
+    sampler = training_fid_sampler(config)
+    return generate.make_generate_fn(
+        make_apply(config, mesh=mesh), diffusion.make_schedule(config.schedule), algorithm=sampler["algorithm"],
+        steps=sampler["steps"], image_shape=image_shape, method=sampler["method"], order=sampler["order"],
+        skip_type=sampler["skip_type"], scale=sampler["scale"],
+        null_cond=Conditioning.from_config(config).null_condition(null_context) if sampler["scale"] > 0 else None)
+
+
 def make_training_fid_callback(config, workdir: str):
     """callback(step, state) -> {"fid": value}: FID of `train.fid_n_samples` EMA samples drawn with
     `training_fid_sampler`, against the reference; writes WORKDIR/eval/fid_<step>.json (the training loop keeps
@@ -140,11 +150,7 @@ def make_training_fid_callback(config, workdir: str):
     decode = latent.make_decoder(config, mesh) if latent.is_latent(config) else None
     texts = data.TextConditions(config, "val") if cond.kind == "text" else None
     null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
-    fn = generate.make_generate_fn(
-        make_apply(config, mesh=mesh), diffusion.make_schedule(config.schedule), algorithm=sampler["algorithm"],
-        steps=sampler["steps"], image_shape=info["image_shape"], method=sampler["method"], order=sampler["order"],
-        skip_type=sampler["skip_type"], scale=sampler["scale"],
-        null_cond=cond.null_condition(null_context) if sampler["scale"] > 0 else None)
+    fn = training_fid_generate(config, info["image_shape"], mesh, null_context)
     gen = generate.jit_generate(fn, batch, mesh)
     n = int(config.train.fid_n_samples)
     label_probs = label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class" else None
