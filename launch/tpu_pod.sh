@@ -15,6 +15,12 @@ usage: bash $ME [options] TPU_NAME ZONE CONFIG WORKDIR [-- main.py flags...]
        bash $ME delete [--queued] [--dry-run] TPU_NAME ZONE
 
 Run (the first form):
+  0. check that the run fits: compile CONFIG (with the --config.* flags after --) here, on this machine, for
+     the TPU's accelerator type with the TPU compiler (main.py --mode benchmark --benchmark_compile_only
+     --benchmark_topology=TYPE; needs libtpu, from requirements.txt; a few minutes for the largest configs) and
+     refuse, naming the per-chip GiB of the train step and sampler against the chip's HBM, when it does not fit.
+     The type is --accelerator, or the existing TPU's; PYTHON=... names the interpreter (default python3).
+     --skip-fit-check skips this;
   1. reuse TPU_NAME if 'gcloud compute tpus tpu-vm describe' finds it READY; otherwise create it
      (needs --accelerator; 'tpu-vm create', or 'queued-resources create' with --queued, waiting until ACTIVE);
   2. copy a tarball of this working tree (git-tracked and untracked-not-ignored files) to every worker's
@@ -36,6 +42,7 @@ options:
                        v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
   --queued             create through queued resources (waits for capacity) instead of 'tpu-vm create'
   --spot               spot capacity (cheaper, preemptible)
+  --skip-fit-check     do not compile CONFIG for the accelerator type before creating or reusing the TPU
   --git URL@REF        fetch REF (branch, tag or commit) of URL on every worker instead of copying this tree
   --expect-devices N   pass --config.mesh.expect_devices=N: the run stops, naming both counts, if JAX sees another
                        device count (N = chips on v4/v5p/v5e/v6e; v5p-32 has 16)
@@ -124,7 +131,7 @@ case "$1" in
 esac
 
 # ---------------------------------------------------------------------------------------------- arguments
-ACCEL=""; RUNTIME=""; QUEUED=0; SPOT=0; GIT=""; EXPECT=""; PYTHON_VERSION=3.11; DETACH=0
+ACCEL=""; RUNTIME=""; QUEUED=0; SPOT=0; GIT=""; EXPECT=""; PYTHON_VERSION=3.11; DETACH=0; FIT_CHECK=1
 pos=(); extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -142,6 +149,7 @@ while [ $# -gt 0 ]; do
     --queued) QUEUED=1 ;;
     --spot) SPOT=1 ;;
     --detach) DETACH=1 ;;
+    --skip-fit-check) FIT_CHECK=0 ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; extra=("$@"); break ;;
     -*) usage_error "unknown option $1 (main.py flags go after --)" ;;
@@ -200,6 +208,46 @@ fi
 while [[ $state =~ ^(CREATING|STARTING|RESTARTING|REPAIRING)$ ]]; do
   echo "TPU $TPU is $state; waiting for READY"; sleep 20; state=$(tpu_state)
 done
+
+# ---------------------------------------------------------------------------------------------- 0. does it fit?
+fit_check() {  # compile CONFIG for accelerator type $1 here; refuse the launch when it does not fit in HBM
+  local plan overrides=() a cmd
+  for a in ${extra[@]+"${extra[@]}"}; do case "$a" in --config.*) overrides+=("$a") ;; esac; done
+  plan=$(mktemp -d)
+  cmd=("${PYTHON:-python3}" main.py --config "$CONFIG" --workdir "$plan" --mode benchmark --benchmark_compile_only
+       "--benchmark_topology=$1" ${overrides[@]+"${overrides[@]}"})
+  show "${cmd[@]}"
+  if [ "$DRY_RUN" = 1 ]; then rm -rf "$plan"; return 0; fi
+  "${cmd[@]}" > "$plan/stdout" ||
+    { rm -rf "$plan"; fail "the fit check could not compile $CONFIG for $1 (above); --skip-fit-check launches anyway"; }
+  verdict=$("${PYTHON:-python3}" - "$plan/benchmark.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+gib = (f"train step {r['memory_estimate_gb']:.1f} GiB, sampler {r['sample_memory_estimate_gb']:.1f} GiB, FID "
+       f"sampler during training {r['fid_memory_estimate_gb']:.1f} GiB per chip against {r['hbm_gb']} GiB of HBM")
+print(("does not fit: " if r["fits"] is False else "fits: ") + gib)
+PY
+)
+  rm -rf "$plan"
+  case "$verdict" in
+    fits:*) echo "fit check: $CONFIG on $1 $verdict" ;;
+    *) fail "$CONFIG on $1 $verdict; try --config.mesh.fsdp=N, --config.remat_policy=block, \
+--config.train.grad_accum_steps=N or a larger slice (README: Will it fit on a TPU pod?), or --skip-fit-check" ;;
+  esac
+}
+if [ "$FIT_CHECK" = 1 ] && { [ "$state" = READY ] || [ -z "$state" ]; }; then
+  type=$ACCEL
+  if [ -z "$type" ] && [ "$state" = READY ]; then
+    type=$(gcloud compute tpus tpu-vm describe "$TPU" --zone="$ZONE" --format='value(acceleratorType)' 2>/dev/null || true)
+  fi
+  if [ -z "$type" ]; then
+    echo "fit check skipped: no --accelerator and no existing TPU to read the type from"
+  elif [ ! -f "$ROOT/$CONFIG" ]; then
+    echo "fit check skipped: $CONFIG is not in this tree (--git)"
+  else
+    (cd "$ROOT" && fit_check "$type")
+  fi
+fi
 if [ "$state" = READY ]; then
   echo "reusing TPU $TPU ($ZONE)"
 elif [ -n "$state" ]; then

@@ -32,9 +32,10 @@ echo "fake main.py $*"
 echo "env UVIT_DISTRIBUTED=${{UVIT_DISTRIBUTED:-}} JAX_PROCESS_ID=${{JAX_PROCESS_ID:-}} \\
 JAX_NUM_PROCESSES=${{JAX_NUM_PROCESSES:-}} JAX_COORDINATOR_ADDRESS=${{JAX_COORDINATOR_ADDRESS:-}} \\
 JAX_LOCAL_DEVICE_IDS=${{JAX_LOCAL_DEVICE_IDS:-}} XLA_FLAGS=${{XLA_FLAGS:-}}"
-workdir="" mode=train attn=""
+workdir="" mode=train attn="" topology=""
 for a in "$@"; do
   case "$a" in --workdir) next=w ;; --mode) next=m ;; --config.attention=*) attn=${{a#*=}} ;;
+    --benchmark_topology=*) topology=${{a#*=}} ;;
     *) case "${{next:-}}" in w) workdir=$a ;; m) mode=$a ;; esac; next="" ;; esac
 done
 if [ -n "${{FAKE_PIDFILE:-}}" ]; then  # wait for SIGTERM like a training run: "save" and exit 0
@@ -43,6 +44,12 @@ if [ -n "${{FAKE_PIDFILE:-}}" ]; then  # wait for SIGTERM like a training run: "
   sleep 60 & sleeper=$!
   wait $sleeper
   exit 5
+fi
+if [ -n "$topology" ]; then  # the launcher's fit check: fits as FAKE_FITS says
+  echo "$topology" >> "$FAKE_DIR/topologies.log"
+  echo '{{"fits": '"${{FAKE_FITS:-true}}"', "memory_estimate_gb": 19.3, "sample_memory_estimate_gb": 3.5,
+        "fid_memory_estimate_gb": 15.0, "hbm_gb": 16.0}}' > "$workdir/benchmark.json"
+  exit 0
 fi
 if [ "$mode" = benchmark ]; then
   [ "$attn" = cudnn ] && {{ echo "RuntimeError: cuDNN attention is not available here" >&2; exit 1; }}
@@ -61,7 +68,8 @@ exit "${{FAKE_EXIT:-0}}"
 FAKE_GCLOUD = """#!/usr/bin/env bash
 echo "gcloud $*" >> "$FAKE_DIR/gcloud.log"
 case "$3 $4" in
-  "tpu-vm describe") [ -n "${FAKE_TPU_STATE:-}" ] && echo "$FAKE_TPU_STATE" && exit 0; exit 1 ;;
+  "tpu-vm describe") [ -n "${FAKE_TPU_STATE:-}" ] || exit 1
+    case "$*" in *acceleratorType*) echo "${FAKE_ACCELERATOR:-v5litepod-8}" ;; *) echo "$FAKE_TPU_STATE" ;; esac ;;
   "queued-resources describe") exit 1 ;;
   "tpu-vm scp") cp "$5" "$FAKE_HOME/${6#*:}" ;;
   "tpu-vm ssh")
@@ -161,6 +169,11 @@ def test_tpu_dry_run_prints_the_commands_and_runs_none(fakes):
         assert piece in launch[0], piece
     assert "export UVIT_DISTRIBUTED=1" in out
     assert out.count("--worker=all") == 3  # scp, install, run
+    # First the fit check, shown (with the run's --config overrides) but not run: a compile for the TPU type.
+    check = out.index("main.py --config configs/cifar10_uvit_s2.py --workdir")
+    assert check < out.index("tpu-vm create")
+    assert "--benchmark_compile_only --benchmark_topology=v5p-32 --config.train.n_steps=10" in out[check:]
+    assert not os.path.exists(d / "topologies.log")
     assert "--worker=0" in out and "tail -n +1 -F" in out  # then worker 0's log is streamed
 
 
@@ -221,6 +234,8 @@ def test_tpu_launch_against_fake_workers(fakes, tmp_path, exit_code):
     assert "UVIT_DISTRIBUTED=1" in log, log
     assert "fake main.py" in r.stdout, said  # worker 0's log was streamed back
     assert f"exit status {exit_code}" in r.stdout, said
+    assert read(d / "topologies.log") == "v5litepod-8\n"  # checked for the existing TPU's type first
+    assert "fit check: configs/cifar10_uvit_s2.py on v5litepod-8 fits: train step 19.3 GiB" in r.stdout, said
     r = run([TPU, "logs", "t", "z"], env=env)  # streams the latest launch again
     assert r.returncode == (0 if exit_code == 0 else 1) and "fake main.py" in r.stdout, r.stdout + r.stderr
 
@@ -231,6 +246,21 @@ def test_tpu_preempted_tpu_stops_with_advice(fakes, tmp_path):
     r = run([TPU, "--accelerator", "v5p-32", "t", "z", CONFIG, "gs://b/r"], env=env)
     assert r.returncode == 1 and "is PREEMPTED" in r.stderr and "launch/tpu_pod.sh delete t z" in r.stderr, r.stderr
     assert "scp" not in read(d / "gcloud.log") and "create" not in read(d / "gcloud.log")
+
+
+def test_tpu_refuses_a_run_that_does_not_fit_before_creating_the_tpu(fakes, tmp_path):
+    env, d = fakes
+    env.update(FAKE_HOME=str(tmp_path), FAKE_FITS="false")
+    r = run([TPU, "--accelerator", "v5litepod-8", "t", "z", CONFIG, "gs://b/r"], env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert ("does not fit: train step 19.3 GiB, sampler 3.5 GiB, FID sampler during training 15.0 GiB per chip "
+            "against 16.0 GiB of HBM") in r.stderr and "--skip-fit-check" in r.stderr, r.stderr
+    assert read(d / "topologies.log") == "v5litepod-8\n"
+    assert "create" not in read(d / "gcloud.log") and "scp" not in read(d / "gcloud.log")
+    r = run([TPU, "--skip-fit-check", "--detach", "--accelerator", "v5litepod-8", "t", "z", CONFIG, "gs://b/r"],
+            env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "tpu-vm create t" in read(d / "gcloud.log") and read(d / "topologies.log") == "v5litepod-8\n"
 
 
 # ---------------------------------------------------------------------------------------------------- slurm
