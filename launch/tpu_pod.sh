@@ -223,8 +223,9 @@ fit_check() {  # compile CONFIG for accelerator type $1 here; refuse the launch 
   verdict=$("${PYTHON:-python3}" - "$plan/benchmark.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-gib = (f"train step {r['memory_estimate_gb']:.1f} GiB, sampler {r['sample_memory_estimate_gb']:.1f} GiB, FID "
-       f"sampler during training {r['fid_memory_estimate_gb']:.1f} GiB per chip against {r['hbm_gb']} GiB of HBM")
+gb = lambda key: "not compiled" if r[key] is None else f"{r[key]:.1f} GiB"
+gib = (f"train step {gb('memory_estimate_gb')}, sampler {gb('sample_memory_estimate_gb')}, FID sampler during "
+       f"training {gb('fid_memory_estimate_gb')} per chip against {r['hbm_gb']} GiB of HBM")
 print(("does not fit: " if r["fits"] is False else "fits: ") + gib)
 PY
 )

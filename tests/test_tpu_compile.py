@@ -53,7 +53,7 @@ def test_fits_turns_false_when_the_train_step_exceeds_hbm(tmp_path):
     r = tpu_plan.run(c, str(tmp_path), "v5litepod-4")  # an accelerator type names the same v5e:2x2 slice
     assert r["topology"] == "v5e:2x2" and r["train_state_gb"] > 16
     assert r["memory_estimate_gb"] > r["hbm_gb"] == 16 and not r["fits"]
-    assert r["collectives"] is None  # nothing compiled to read them from
+    assert r["collectives"] is None and r["sample_memory_estimate_gb"] is None  # nothing more compiled
 
 
 def test_two_slice_mesh_keeps_each_fsdp_group_inside_a_slice():
