@@ -62,11 +62,6 @@ def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
     return Mesh(grid, DATA_AXES)
 
 
-def slice_count(mesh: Mesh) -> int:
-    """How many TPU slices (DCN-connected groups of devices) the mesh spans; 1 off multi-slice TPU."""
-    return len({getattr(d, "slice_index", 0) for d in mesh.devices.flat})
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding that keeps a full copy on every device."""
     return NamedSharding(mesh, P())

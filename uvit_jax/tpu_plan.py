@@ -15,8 +15,9 @@ outputs, as benchmark.py counts them), `sample_memory_estimate_gb` (sample mode:
 resident, the larger of the sampler's and the decoder's working set), `fid_memory_estimate_gb` (the same for the
 FID sampler, with the whole train state resident as it is during training); `fits` when all three are within the
 chip's HBM. XLA:TPU recomputes what it must to fit HBM; a program that still does not fit stops its compile with
-the memory it needed, which is reported (and when that is the train step, the samplers are not compiled). Plus XLA's FLOPs of the train step per image and the bytes its collectives move per step, by kind,
-within a slice and across slices (DCN). The cost model's time estimate is not reported: it is not a measurement.
+the memory it needed, which is reported (and when that is the train step, the samplers are not compiled). Plus
+XLA's FLOPs of the train step per image and the bytes its collectives move per step, by kind, within a slice and
+across slices (DCN). The cost model's time estimate is not reported: it is not a measurement.
 """
 from __future__ import annotations
 
@@ -258,9 +259,9 @@ def _sampler_programs(config, mesh, ema) -> dict:
         c = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=parallel.batch_sharding(mesh))
     elif cond.kind == "text":
         c = jax.ShapeDtypeStruct((batch, *cond.context_shape), jnp.float32, sharding=parallel.batch_sharding(mesh))
-    final = generate.make_generate_from_config(config, make_apply(config), image_shape=shape,
+    final = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=shape,
                                                null_context=null_context)
-    fid = eval_mode.training_fid_generate(config, shape, null_context)
+    fid = eval_mode.training_fid_generate(config, shape, mesh, null_context)
     out = {"sample_batch": batch}
     for name, fn in (("sample", final), ("fid", fid)):
         out[name] = _compile(generate.jit_generate(fn, batch, mesh).lower(ema, key, c))
@@ -308,7 +309,8 @@ def run(config, workdir: str, topology: str, slices: int = 1) -> dict:
     slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
     nnet = dict(config.nnet)
     result = {
-        "topology": topology_name(topology), "device_kind": devices[0].device_kind, "devices": len(devices), "slices": slices,
+        "topology": topology_name(topology), "device_kind": devices[0].device_kind, "devices": len(devices),
+        "slices": slices,
         "mesh": dict(mesh.shape), "dtype": config.dtype, "remat_policy": config.get("remat_policy", None),
         "use_checkpoint": bool(nnet.get("use_checkpoint", False)),
         "grad_accum_steps": int(config.train.grad_accum_steps), "global_batch": global_batch,
