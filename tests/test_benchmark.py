@@ -82,7 +82,7 @@ def _activation_all_gathers(config) -> list[str]:
     """Shapes of the floating-point all-gathers in the compiled train step whose result spans the global batch
     (the label indices of the class embedding, s32[B, 1], are gathered too, and are tiny)."""
     import re
-    trainer = benchmark._trainer(config)
+    trainer = benchmark.make_trainer(config)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
              for k, v in benchmark.synthetic_batch(config, config.train.batch_size).items()}
     hlo = trainer.step_fn.lower(trainer.abstract_with_shardings(), batch).compile().as_text()
