@@ -133,8 +133,7 @@ def main(argv):
                            "(or .npz) file; a converted directory goes back to a .pth with --convert_to_official")
     errors = _user_errors()
     if flags.FLAGS.verbosity < 1:
-        from uvit_jax import checkpoint
-        checkpoint.quiet_orbax_logging()
+        console.quiet_orbax_logging()
     from uvit_jax import preemption
     preemption.exit_on_stop_signals()  # until a loop takes over: a stop signal ends start-up in one line
     try:
@@ -241,8 +240,9 @@ def _failures() -> tuple:
 
 
 def _user_errors() -> tuple:
-    """Exceptions that mean "the user can fix this": printed as one line, no traceback."""
-    from uvit_jax import checkpoint, parallel, workdir_lock
+    """Exceptions that mean "the user can fix this": printed as one line, no traceback. A FileNotFoundError is one
+    only when raised for user input (console.MissingFileError): any other is a bug and keeps its traceback."""
+    from uvit_jax import checkpoint, console, parallel, workdir_lock
     from uvit_jax.config import ConfigError
     from uvit_jax.data.datasets import DatasetNotPreparedError
     from uvit_jax.eval_mode import MissingFeatureNetworkError
@@ -251,7 +251,7 @@ def _user_errors() -> tuple:
     return (ConversionError, TopologyError, ConfigError, parallel.DeviceCountError, DatasetNotPreparedError,
             MissingFeatureNetworkError, NoParamsError,
             workdir_lock.WorkdirLockedError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointCorruptError,
-            FileNotFoundError)
+            checkpoint.CheckpointIdentityError, console.UserError)
 
 
 if __name__ == "__main__":

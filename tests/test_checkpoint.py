@@ -18,9 +18,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uvit_jax import preemption
-from uvit_jax.checkpoint import (CheckpointMismatchError, Checkpointer, NoCheckpointError, NonFiniteStateError,
-                                 config_differences, restore_ema_params)
+from uvit_jax.checkpoint import CheckpointMismatchError, Checkpointer, NoCheckpointError, restore_ema_params
 from uvit_jax.convert.uvit import read_params_dir as load_params_dir
+from uvit_jax.integrity import NonFiniteStateError
 from uvit_jax.parallel import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,18 +78,15 @@ def mesh8():
     return make_mesh(fsdp=2)
 
 
-def test_save_restore_round_trip_interval_and_max_to_keep(tmp_path, mesh8):
-    ckpt = Checkpointer(tmp_path / "checkpoints", save_interval_steps=2, max_to_keep=2)
+def test_save_restore_round_trip_and_max_to_keep(tmp_path, mesh8):
+    ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=2)
     saved = {}
-    for step in range(1, 6):
+    for step in (2, 4, 5):
         state = _make_state(mesh8, step, scale=step)
         saved[step] = state
-        assert ckpt.should_save(step) == (step % 2 == 0)
-        did = ckpt.save(step, state, {"config": {"lr": 1e-3, "name": "tiny"}, "data_position": step * 4})
-        assert did == (step % 2 == 0)
+        assert ckpt.save(step, state, {"config": {}, "data_position": step * 4})
         ckpt.check_health()
-    assert ckpt.save(5, saved[5], {"config": {}, "data_position": 20}, force=True)
-    assert not ckpt.save(5, saved[5], {"config": {}, "data_position": 20}, force=True)  # never overwrites
+    assert not ckpt.save(5, saved[4], {"config": {}, "data_position": 16})  # never overwrites
     assert ckpt.all_steps() == [4, 5] and ckpt.latest_step() == 5
 
     abstract = _abstract(saved[5], mesh8)
@@ -102,21 +99,22 @@ def test_save_restore_round_trip_interval_and_max_to_keep(tmp_path, mesh8):
     _assert_shardings(state, abstract)
     assert type(state["opt_state"][0]).__name__ == "ScaleByAdamState"
     on_disk = json.loads((tmp_path / "checkpoints" / "5" / "metadata" / "metadata").read_text())
+    assert on_disk["checksums"]["step"] == 5
     leaves = on_disk["checksums"]["leaves"]
     assert len(leaves) == len(jax.tree.leaves(saved[5])) and leaves["params/emb"]["dtype"] == "bfloat16"
     assert leaves["params/dense/kernel"]["sum"] != leaves["ema_params/dense/kernel"]["sum"]
 
     # A fresh Checkpointer (a restarted run) sees the same steps; an empty directory gives None.
-    with Checkpointer(tmp_path / "checkpoints", save_interval_steps=2) as again:
+    with Checkpointer(tmp_path / "checkpoints") as again:
         assert again.all_steps() == [4, 5]
         assert again.restore_latest(abstract)[2] == 5
-    with Checkpointer(tmp_path / "empty", save_interval_steps=2) as empty:
+    with Checkpointer(tmp_path / "empty") as empty:
         assert empty.restore_latest(abstract) is None
 
 
 def test_protected_step_outlives_max_to_keep(tmp_path, mesh8):
     state = _make_state(mesh8, 1)
-    with Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2) as ckpt:
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         for step in (2, 4, 6, 8):
             ckpt.save(step, state, {})
             if step == 4:
@@ -132,7 +130,7 @@ def test_protected_step_outlives_max_to_keep(tmp_path, mesh8):
 
 def test_constructor_has_no_side_effects_but_the_directory(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
-    ckpt = Checkpointer(tmp_path / "checkpoints", save_interval_steps=1)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
     assert signal.getsignal(signal.SIGTERM) is before  # signal handling belongs to the loop (preemption.py)
     assert os.listdir(tmp_path) == ["checkpoints"] and os.listdir(tmp_path / "checkpoints") == []
     ckpt.close()
@@ -141,11 +139,11 @@ def test_constructor_has_no_side_effects_but_the_directory(tmp_path):
 
 def test_restore_onto_fewer_devices_and_fsdp_layout(tmp_path, mesh8):
     state8 = _make_state(mesh8, 7)
-    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         ckpt.save(7, state8, {"data_position": 0})
     mesh4 = make_mesh(fsdp=4, devices=jax.devices()[:4])
     abstract4 = _abstract(state8, mesh4)
-    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         state4, _, step = ckpt.restore_latest(abstract4)
     assert step == 7
     _assert_tree_equal(state4, state8)
@@ -156,7 +154,7 @@ def test_restore_onto_fewer_devices_and_fsdp_layout(tmp_path, mesh8):
 
 def test_mismatched_target_is_a_clear_error_and_moves_nothing(tmp_path, mesh8):
     state = _make_state(mesh8, 2)
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         ckpt.save(2, state, {})
         ckpt.save(4, state, {})
         ckpt.wait()
@@ -174,7 +172,7 @@ def test_mismatched_target_is_a_clear_error_and_moves_nothing(tmp_path, mesh8):
 
 def test_restore_ema_params_reads_only_the_ema_subtree_and_creates_nothing(tmp_path, mesh8):
     states = {s: _make_state(mesh8, s, scale=s) for s in (3, 6)}
-    with Checkpointer(tmp_path / "ckpt", save_interval_steps=3) as ckpt:
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
         for s, st in states.items():
             ckpt.save(s, st, {})
     before = _snapshot(tmp_path / "ckpt")
@@ -233,7 +231,7 @@ def test_load_params_dir(tmp_path, mesh8):
 
 
 def test_typed_keys_bad_metadata_and_nonfinite_state_are_clear_errors(tmp_path, mesh8):
-    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         with pytest.raises(TypeError, match=r"state\['rng'\] is a typed PRNG key"):
             ckpt.save(1, {"rng": jax.random.key(0), "x": jnp.zeros(2)}, {})
         with pytest.raises(TypeError, match="JSON-serialisable"):
@@ -249,30 +247,18 @@ def test_typed_keys_bad_metadata_and_nonfinite_state_are_clear_errors(tmp_path, 
 
 
 def test_checksums_do_not_depend_on_sharding(mesh8):
-    from uvit_jax.checkpoint import _digest  # the one property the restore check relies on
+    from uvit_jax.integrity import digest  # the one property the restore check relies on
     state8 = _make_state(mesh8, 3, scale=3.0)
     mesh4 = make_mesh(fsdp=4, devices=jax.devices()[:4])
     state4 = jax.device_put(state8, jax.tree.map(lambda x: _sharding(mesh4, x), state8))
     host = jax.device_get(state8)
-    sums = [[s for _, _, s, _ in _digest(tree)] for tree in (state8, state4, host)]
+    sums = [[s for _, _, s, _ in digest(tree)] for tree in (state8, state4, host)]
     assert sums[0] == sums[1] == sums[2] and len(set(sums[0])) == len(sums[0])
     flipped = jax.tree.map(lambda x: x, state8)
     kernel = flipped["params"]["dense"]["kernel"]  # one bit of one value changes
     flipped["params"]["dense"]["kernel"] = kernel.at[5, 7].set(jnp.nextafter(kernel[5, 7], jnp.inf))
-    changed = [a != b for a, b in zip(sums[0], [s for _, _, s, _ in _digest(flipped)])]
+    changed = [a != b for a, b in zip(sums[0], [s for _, _, s, _ in digest(flipped)])]
     assert sum(changed) == 1
-
-
-def test_config_differences():
-    saved = {"nnet": {"depth": 12, "embed_dim": 512, "mlp_ratio": 4}, "dataset": {"name": "cifar10"},
-             "optimizer": {"betas": [0.99, 0.999]}}
-    same = {"nnet": {"depth": 12, "embed_dim": 512, "mlp_ratio": 4}, "dataset": {"name": "cifar10", "path": "x"},
-            "optimizer": {"betas": (0.99, 0.999)}}
-    assert config_differences(saved, same, keys=("nnet", "dataset.name", "optimizer")) == []
-    other = {"nnet": {"depth": 16, "embed_dim": 512}, "dataset": {"name": "celeba64"}}
-    assert config_differences(saved, other, keys=("nnet", "dataset.name", "dataset.image_size")) == [
-        "nnet.depth: checkpoint 12, now 16", "nnet.mlp_ratio: checkpoint 4, now '<missing>'",
-        "dataset.name: checkpoint 'cifar10', now 'celeba64'"]
 
 
 _CHILD = textwrap.dedent("""
@@ -280,14 +266,14 @@ _CHILD = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from uvit_jax import preemption
     from uvit_jax.checkpoint import Checkpointer
-    ckpt = Checkpointer(sys.argv[1], save_interval_steps=1000)
+    ckpt = Checkpointer(sys.argv[1])
     state = {"step": jnp.asarray(0, jnp.int32), "params": {"w": jnp.zeros((4, 4))}}
     bump = jax.jit(lambda s: {"step": s["step"] + 1, "params": {"w": s["params"]["w"] + 1.0}})
     with preemption.stop_guard():
         for step in range(1, 100000):
             state = bump(state)
             ckpt.check_health()
-            if ckpt.should_save(step):
+            if step % 1000 == 0 or preemption.should_stop(step):
                 ckpt.save(step, state, {"data_position": step})
             if preemption.should_stop(step):
                 ckpt.close()
@@ -317,7 +303,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
 
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(make_mesh(), P())),
                 "params": {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=NamedSharding(make_mesh(), P()))}}
-    with Checkpointer(tmp_path, save_interval_steps=1000) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         assert ckpt.all_steps() == stopped  # only the preemption save: no interval or initial save before it
         state, metadata, step = ckpt.restore_latest(abstract)
     assert step == stopped[0] == int(state["step"]) == metadata["data_position"]

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uvit_jax import checkpoint, data
+from uvit_jax import checkpoint, console, data
 from uvit_jax.checkpoint import CheckpointCorruptError, CheckpointSaveError, Checkpointer
 from uvit_jax.convert import pth
 from uvit_jax.parallel import make_mesh
@@ -130,13 +130,13 @@ def orbax_read_errors():
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
 def test_corrupt_newest_is_detected_set_aside_and_the_previous_step_restores(tmp_path, mesh, caplog, corrupt):
     states = {s: _state(mesh, s) for s in (2, 4)}
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         for s, st in states.items():
             ckpt.save(s, st, {"data_position": s})
     corrupt(tmp_path, mesh)
     corrupted = _files(tmp_path / "4")
 
-    ckpt = Checkpointer(tmp_path, save_interval_steps=2)
+    ckpt = Checkpointer(tmp_path)
     with caplog.at_level("WARNING"):
         state, metadata, step = ckpt.restore_latest(_abstract(states[2]))
     assert step == 2 and metadata == {"data_position": 2}
@@ -152,7 +152,7 @@ def test_corrupt_newest_is_detected_set_aside_and_the_previous_step_restores(tmp
     # The resumed run reaches step 4 again: it saves, and the next restart restores that.
     assert ckpt.save(4, states[4], {"data_position": 4})
     ckpt.close()
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         assert ckpt.restore_latest(_abstract(states[2]))[2] == 4
     assert (tmp_path / "4.corrupt-0").is_dir()
 
@@ -161,12 +161,12 @@ def test_corrupt_newest_is_detected_set_aside_and_the_previous_step_restores(tmp
 @pytest.mark.usefixtures("orbax_read_errors")
 def test_nothing_usable_raises_and_moves_nothing(tmp_path, mesh):
     state = _state(mesh, 2)
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         ckpt.save(2, state, {})
         ckpt.save(4, state, {})
     _garble_json(tmp_path, mesh)
     (tmp_path / "2" / "metadata" / "metadata").write_text("[1, 2")
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         with pytest.raises(CheckpointCorruptError, match=r"no checkpoint in .* is usable \(nothing was moved\): "
                                                          r"step 4: JSONDecodeError.*; step 2: JSONDecodeError"):
             ckpt.restore_latest(_abstract(state))
@@ -177,7 +177,7 @@ def test_nothing_usable_raises_and_moves_nothing(tmp_path, mesh):
 @pytest.mark.usefixtures("orbax_read_errors")
 def test_restore_ema_params_skips_a_corrupt_step_and_moves_nothing(tmp_path, mesh):
     states = {s: _state(mesh, s) for s in (2, 4)}
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         for s, st in states.items():
             ckpt.save(s, st, {})
     _stale_state_files(tmp_path, mesh)
@@ -190,15 +190,94 @@ def test_restore_ema_params_skips_a_corrupt_step_and_moves_nothing(tmp_path, mes
     assert sorted(os.listdir(tmp_path)) == ["2", "4"]
 
 
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), MemoryError(),
+                                   RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0G"),
+                                   TypeError("unsupported operand (a bug)")],
+                         ids=["transient_io", "host_oom", "device_oom", "bug"])
+def test_a_restore_error_without_evidence_of_corruption_stops_and_moves_nothing(tmp_path, mesh, monkeypatch, error):
+    """Only evidence (checksums, non-finite values, undecodable or missing files) sets a step aside; any other
+    error stops the restore with that error and leaves every step in place. (Before: step 4 was set aside as
+    4.corrupt-0 and the run resumed silently from step 2.)"""
+    states = {s: _state(mesh, s) for s in (2, 4)}
+    with Checkpointer(tmp_path) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st, {})
+    before = _files(tmp_path)
+    restore = ocp.CheckpointManager.restore
+    failures = [error]  # the newest step fails once; an older one would restore
+
+    def flaky(self, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(type(error)) as raised:
+            ckpt.restore_latest(_abstract(states[2]))
+    assert raised.value is error and any("left in place" in note for note in raised.value.__notes__)
+    assert _files(tmp_path) == before
+    with Checkpointer(tmp_path) as ckpt:  # the cause gone, the next start restores the newest step
+        assert ckpt.restore_latest(_abstract(states[2]))[2] == 4
+
+
+def _rename_step(run, step, to):
+    os.rename(run / str(step), run / str(to))
+
+
+def _link_step_of_another_run(run, step, to):
+    other = run.parent / "other_run"
+    shutil.copytree(run, other)
+    os.symlink(other / str(step), run / str(to))
+
+
+@pytest.mark.parametrize("how, message", [(_rename_step, r"/6 holds step 4, not 6 \(was it renamed\?\): move it back "
+                                                         r"to .*/4"),
+                                          (_link_step_of_another_run, r"/6 is a link to .*other_run/4: a run restores "
+                                                                      r"only the steps it wrote")],
+                         ids=["renamed", "linked"])
+def test_a_step_that_is_not_what_its_name_says_is_refused(tmp_path, mesh, how, message):
+    """`mv checkpoints/4 checkpoints/6`, or a link into another run: refused in one line before anything is read or
+    moved. (Before: the run resumed "at step 6" with step 4's state, or restored another run's step.)"""
+    run = tmp_path / "run"
+    states = {s: _state(mesh, s) for s in (2, 4)}
+    with Checkpointer(run) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st, {})
+    how(run, 4, 6)
+    before = sorted(os.listdir(run))
+    for restore in (lambda: Checkpointer(run).restore_latest(_abstract(states[2])),
+                    lambda: checkpoint.restore_ema_params(run, _abstract(states[2]["ema_params"]))):
+        with pytest.raises(checkpoint.CheckpointIdentityError, match=message) as raised:
+            restore()
+        assert "\n" not in str(raised.value)
+    assert sorted(os.listdir(run)) == before
+
+
+def test_a_renamed_step_stops_main_in_one_line(digits_dir, tmp_path):
+    """The `mv checkpoints/10 checkpoints/30` of a user: main.py says so in one `error:` line, exit code 2."""
+    from uvit_jax.rundir import RunDir
+    run = RunDir(tmp_path / "w")
+    with Checkpointer(run.checkpoints) as ckpt:  # the check comes before the tree is compared with the model
+        ckpt.save(10, {"step": jnp.asarray(10, jnp.int32)}, {"step": 10})
+    os.rename(os.path.join(run.checkpoints, "10"), os.path.join(run.checkpoints, "30"))
+    r = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--config", "configs/test_tiny.py",
+                        "--workdir", run.root, f"--config.dataset.data_dir={digits_dir}"], capture_output=True,
+                       text=True, env=dict(ENV, JAX_PLATFORMS="cpu"), cwd=REPO, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(errors) == 1 and "holds step 10, not 30" in errors[0], r.stderr[-2000:]
+
+
 def test_interrupted_save_leftovers_are_removed_at_start(tmp_path, mesh, caplog):
-    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+    with Checkpointer(tmp_path) as ckpt:
         ckpt.save(2, _state(mesh, 2), {})
     for name in ("4.orbax-checkpoint-tmp", "6.orbax-checkpoint-tmp-1700000000"):
         (tmp_path / name / "state").mkdir(parents=True)
         (tmp_path / name / "state" / "partial").write_bytes(b"x" * 100)
     kept = _files(tmp_path / "2")
     with caplog.at_level("WARNING"):
-        Checkpointer(tmp_path, save_interval_steps=2).close()
+        Checkpointer(tmp_path).close()
     assert sorted(os.listdir(tmp_path)) == ["2"] and _files(tmp_path / "2") == kept
     removed = [r.getMessage() for r in caplog.records if "left by an interrupted save" in r.getMessage()]
     assert len(removed) == 2
@@ -210,11 +289,11 @@ def test_interrupted_save_leftovers_are_removed_at_start(tmp_path, mesh, caplog)
 _FAILED_SAVE_CHILD = textwrap.dedent("""
     import json, os, sys, time
     import jax, jax.numpy as jnp
-    from uvit_jax import checkpoint
-    checkpoint.quiet_orbax_logging()
+    from uvit_jax import checkpoint, console
+    console.quiet_orbax_logging()
     directory, how = sys.argv[1], sys.argv[2]
     state = {"step": jnp.asarray(2, jnp.int32), "w": jnp.arange(16.0).reshape(4, 4)}
-    ckpt = checkpoint.Checkpointer(directory, save_interval_steps=2)
+    ckpt = checkpoint.Checkpointer(directory)
     ckpt.save(2, state, {})
     ckpt.wait()
     # Root ignores permission bits, so the portable fault is the checkpoint directory replaced by a regular file
@@ -241,7 +320,7 @@ _FAILED_SAVE_CHILD = textwrap.dedent("""
     else:
         os.chmod(directory, 0o700)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    with checkpoint.Checkpointer(directory, save_interval_steps=2) as again:
+    with checkpoint.Checkpointer(directory) as again:
         restored = again.restore_latest(abstract)[2]
     print("RESULT " + json.dumps({"message": str(failure), "cause": getattr(failure, "cause", None),
                                   "elapsed": elapsed, "restored": restored}), flush=True)
@@ -292,7 +371,7 @@ def test_failure_causes_are_classified():
 
 
 def test_a_stuck_save_times_out_instead_of_hanging(tmp_path, mesh, monkeypatch):
-    ckpt = Checkpointer(tmp_path, save_interval_steps=2)
+    ckpt = Checkpointer(tmp_path)
     ckpt.save(2, _state(mesh, 2), {})
     ckpt.wait()
     monkeypatch.setattr(ckpt._manager, "is_saving_in_progress", lambda: True)  # a write that never finishes
@@ -307,10 +386,10 @@ def test_a_stuck_save_times_out_instead_of_hanging(tmp_path, mesh, monkeypatch):
 _EXIT_CHILD = textwrap.dedent("""
     import os, sys, threading, time
     import jax.numpy as jnp
-    from uvit_jax import checkpoint
-    checkpoint.quiet_orbax_logging()
+    from uvit_jax import checkpoint, console
+    console.quiet_orbax_logging()
     directory = sys.argv[1]
-    ckpt = checkpoint.Checkpointer(directory, save_interval_steps=1)
+    ckpt = checkpoint.Checkpointer(directory)
     state = {"w": jnp.ones((4, 4))}
     ckpt.save(1, state, {})
     ckpt.wait()

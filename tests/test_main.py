@@ -177,3 +177,30 @@ def test_label_distributions(digits_dir, tmp_path):
     skewed = np.array([0.7, 0.3] + [0.0] * 8)
     labels = np.asarray(sample.sample_labels(jax.random.key(0), 4000, skewed))
     assert set(np.unique(labels)) == {0, 1} and abs((labels == 0).mean() - 0.7) < 0.03
+
+
+_RAISING_MAIN = """
+import runpy, sys
+from uvit_jax import console, sample
+which = sys.argv.pop()
+def raise_it(config, workdir):
+    if which == "bug":
+        open("/nonexistent-internal-cache/table.bin")  # a FileNotFoundError from inside the program
+    raise console.MissingFileError("config.sample.prompts=p.txt not found (a text file, one prompt a line)")
+sample.sample_to_dir = raise_it
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_only_errors_raised_for_user_input_are_one_line(tmp_path):
+    """A missing file the user named is one `error:` line (exit code 2); a FileNotFoundError from inside the program
+    is a bug and keeps its traceback. (Before: every FileNotFoundError was printed as a one-line user mistake.)"""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    args = ["--config", "configs/test_tiny.py", "--workdir", str(tmp_path), "--mode", "sample"]
+    user, bug = (subprocess.run([sys.executable, "-c", _RAISING_MAIN, *args, which], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300) for which in ("user", "bug"))
+    one_line_error(user, "config.sample.prompts=p.txt not found")
+    assert user.returncode == 2
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "/nonexistent-internal-cache/table.bin" in bug.stderr
+    assert not any(line.startswith("error:") for line in bug.stderr.splitlines())

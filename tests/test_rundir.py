@@ -5,7 +5,8 @@ import os
 import re
 import tokenize
 
-from uvit_jax.rundir import RunDir
+from uvit_jax import files
+from uvit_jax.rundir import BestRecord, RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ("eval" is also a mode name, so it is not in the list; dict keys such as metrics["samples"] are not paths.)
@@ -39,18 +40,25 @@ def test_run_paths_are_spelled_only_in_rundir():
 
 def test_best_is_the_lowest_recorded_fid_among_the_steps_on_disk(tmp_path):
     run = RunDir(tmp_path)
-    assert run.best([10, 20]) is None and not os.path.exists(run.best_record)
-    assert run.record_fid(10, {"fid": 5.0}, [10]) == {"step": 10, "fid": 5.0}
-    assert run.record_fid(20, {"fid": 2.0}, [10, 20]) == {"step": 20, "fid": 2.0}
-    assert run.record_fid(30, {"fid": 3.0}, [10, 20, 30]) == {"step": 20, "fid": 2.0}
+    files.write_json(run.best_record, {"step": 99, "fid": 0.0})  # stale: no record, no step 99
+    record = BestRecord(run, writer=True)
+    assert record.best([10, 20]) is None and not os.path.exists(run.best_record)
+    for step, fid in ((10, 5.0), (20, 2.0), (30, 3.0)):
+        record.add(step, {"fid": fid})
+    assert record.best([10, 20, 30]) == {"step": 20, "fid": 2.0}
     assert json.load(open(run.best_record)) == {"step": 20, "fid": 2.0}
+    assert json.load(open(run.fid_record(30)))["step"] == 30
     # Step 20 set aside (not on disk): the best is among the others; a record of an unfinished write is skipped.
     assert run.best([10, 30]) == {"step": 30, "fid": 3.0}
     with open(os.path.join(run.eval, "fid_40.json"), "w") as f:
         f.write('{"fid": 0.')
     assert run.best([10, 20, 30, 40]) == {"step": 20, "fid": 2.0}
-    # Step 20 saved again: its old FID no longer describes it.
-    run.forget_fid(20)
-    assert run.write_best([10, 20, 30]) == {"step": 30, "fid": 3.0}
+    # Step 20 saved again: its old FID no longer describes it, on disk or in a record read afterwards.
+    record.saved(20)
+    assert record.best([10, 20, 30]) == {"step": 30, "fid": 3.0}
     assert json.load(open(run.best_record)) == {"step": 30, "fid": 3.0}
-    assert run.write_best([]) is None and not os.path.exists(run.best_record)
+    assert BestRecord(run, writer=False).best([10, 20, 30]) == {"step": 30, "fid": 3.0}
+    # A process that does not write keeps the same record in memory and writes nothing.
+    reader = BestRecord(run, writer=False)
+    reader.add(50, {"fid": 1.0})
+    assert reader.best([30, 50]) == {"step": 50, "fid": 1.0} and not os.path.exists(run.fid_record(50))

@@ -224,8 +224,8 @@ def test_nan_just_before_preemption_is_never_saved(digits_dir, tmp_path, monkeyp
 
 
 def test_fid_during_training_keeps_the_best_checkpoint_and_sample_mode_uses_it(digits_dir, tmp_path):
-    """FID at every save (stand-in features) writes eval/fid_<step>.json; the best step is recorded in best.json and
-    in the checkpoint metadata, survives max_to_keep=1, and sample mode picks it by default."""
+    """FID at every save (stand-in features) writes eval/fid_<step>.json; the best step is recorded in best.json,
+    survives max_to_keep=1, and sample mode picks it by default."""
     import json
 
     from uvit_jax import eval_mode, sample
@@ -233,11 +233,12 @@ def test_fid_during_training_keeps_the_best_checkpoint_and_sample_mode_uses_it(d
     config = tiny_config(digits_dir, n_steps=6, save_interval=2, fid_interval=2, max_to_keep=1, fid_n_samples=16)
     config.eval.feature_fn, config.eval.ref_stats = "standin_features:make", None
     real_fid = eval_mode.make_training_fid_callback(config, workdir)
-    pretend = {2: 5.0, 4: 1.0, 6: 3.0}  # the real value is written to fid_<step>.json; the loop sees these
+    pretend = {2: 5.0, 4: 1.0, 6: 3.0}  # the loop sees these instead of the real values
 
     def callback(step, state):
-        assert np.isfinite(real_fid(step, state)["fid"])
-        return {"fid": pretend[step]}
+        record = real_fid(step, state)
+        assert np.isfinite(record["fid"])
+        return {**record, "fid": pretend[step]}
 
     train.train_and_evaluate(config, workdir, eval_callback=callback)
     for step in (2, 4, 6):
@@ -249,6 +250,134 @@ def test_fid_during_training_keeps_the_best_checkpoint_and_sample_mode_uses_it(d
     assert "step 4 (best FID" in where
     config.sample.step = "latest"
     assert "step 6" in sample.load_ema_params(config, workdir, parallel.make_mesh())[1]
+
+
+def test_config_differences():
+    saved = {"nnet": {"depth": 12, "embed_dim": 512, "mlp_ratio": 4}, "dataset": {"name": "cifar10"},
+             "optimizer": {"betas": [0.99, 0.999]}}
+    same = {"nnet": {"depth": 12, "embed_dim": 512, "mlp_ratio": 4}, "dataset": {"name": "cifar10", "path": "x"},
+            "optimizer": {"betas": (0.99, 0.999)}}
+    assert train.config_differences(saved, same, keys=("nnet", "dataset.name", "optimizer")) == []
+    other = {"nnet": {"depth": 16, "embed_dim": 512}, "dataset": {"name": "celeba64"}}
+    assert train.config_differences(saved, other, keys=("nnet", "dataset.name", "dataset.image_size")) == [
+        ("nnet.depth", 12, 16), ("nnet.mlp_ratio", 4, "<missing>"), ("dataset.name", "cifar10", "celeba64")]
+
+
+class _Killed(Exception):
+    """Stands for the process being killed: raised by a scripted FID callback right after a save."""
+
+
+def _scripted_fids(fids: dict, calls: list):
+    """An eval_callback returning the FID chosen for each step (None: the run is killed before that FID)."""
+    def callback(step, state):
+        calls.append(step)
+        if fids[step] is None:
+            raise _Killed(step)
+        return {"fid": fids[step]}
+    return callback
+
+
+def test_the_best_checkpoint_survives_resumes_with_max_to_keep_1(digits_dir, tmp_path, monkeypatch):
+    """A finished run extended twice, FIDs 2156 / 176 / 839 at steps 2 / 4 / 6 (down, then up across resumes), with
+    max_to_keep=1: step 4 stays the best, in eval/best.json and on disk, and sample mode restores it. (On the code
+    before rundir.py the best came from checkpoint metadata written before the step's own FID: after the second
+    resume best.json named step 6 and step 4 was deleted.)"""
+    import json
+
+    from uvit_jax import sample
+    monkeypatch.setattr(train._GridWriter, "write", lambda *a: None)  # grids are not the point here
+    workdir, calls = str(tmp_path), []
+    for n_steps, fids in ((2, {2: 2156.0}), (4, {4: 176.0}), (6, {6: 839.0})):
+        config = tiny_config(digits_dir, n_steps=n_steps, save_interval=2, fid_interval=2, max_to_keep=1)
+        train.train_and_evaluate(config, workdir, eval_callback=_scripted_fids(fids, calls))
+    assert calls == [2, 4, 6]
+    assert json.load(open(tmp_path / "eval" / "best.json")) == {"step": 4, "fid": 176.0}
+    assert saved_steps(workdir) == [4, 6]
+    assert "step 4 (best FID" in sample.load_ema_params(config, workdir, parallel.make_mesh())[1]
+
+
+def test_a_step_saved_without_its_fid_gets_it_at_the_next_start(digits_dir, tmp_path, monkeypatch):
+    """Killed between the save of step 6 and its FID: the next run computes step 6's FID first; being the lowest,
+    step 6 becomes the best, and step 4 (the best until then) was kept through the crash with max_to_keep=1. (On the
+    code before rundir.py step 6 never got a FID and step 4 stayed the best.)"""
+    import json
+
+    monkeypatch.setattr(train._GridWriter, "write", lambda *a: None)
+    workdir, calls = str(tmp_path), []
+    config = tiny_config(digits_dir, n_steps=8, save_interval=2, fid_interval=2, max_to_keep=1)
+    with pytest.raises(_Killed):
+        train.train_and_evaluate(config, workdir, eval_callback=_scripted_fids({2: 5.0, 4: 1.0, 6: None}, calls))
+    assert saved_steps(workdir) == [4, 6]  # the best so far outlived max_to_keep=1
+    assert json.load(open(tmp_path / "eval" / "best.json")) == {"step": 4, "fid": 1.0}
+    train.train_and_evaluate(config, workdir, eval_callback=_scripted_fids({6: 0.5, 8: 3.0}, calls))
+    assert calls == [2, 4, 6, 6, 8]
+    assert json.load(open(tmp_path / "eval" / "best.json")) == {"step": 6, "fid": 0.5}
+    assert saved_steps(workdir) == [6, 8]
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("seed", 7, "refuse"), ("train.batch_size", 8, "adapt"), ("optimizer.lr", 5e-4, "warn"),
+    ("dtype", "bfloat16", "warn"), ("ema_rate", 0.999, "warn"), ("train.grad_accum_steps", 2, "warn"),
+    ("dataset.path", "/data/moved", "warn")])
+def test_resume_with_a_changed_setting_follows_its_rule(digits_dir, tmp_path, caplog, key, value, rule):
+    """Per key: refuse in one line, or take the new value with one warning line naming old -> new (the batch size
+    also continues from the saved data position). (Before: all of these were accepted silently.)"""
+    from uvit_jax.checkpoint import CheckpointMismatchError
+    saved = tiny_config(digits_dir)
+    metadata = {"step": 4, "data_position": 64, "config": train._config_dict(saved)}
+    config = tiny_config(digits_dir)
+    section, _, name = key.rpartition(".")
+    old = (config[section] if section else config)[name]
+    (config[section] if section else config)[name] = value
+    with caplog.at_level("WARNING"):
+        if rule == "refuse":
+            with pytest.raises(CheckpointMismatchError, match=rf"{key}: checkpoint {old!r}, now {value!r}\. Use a "
+                                                              "new --workdir"):
+                train._resume_position(metadata, config, 4, tmp_path)
+            return
+        position = train._resume_position(metadata, config, 4, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{key}: {old!r} -> {value!r}"), warnings
+    assert position == 64
+
+
+def test_a_resume_with_another_batch_size_continues_from_the_data_position(digits_dir, tmp_path, monkeypatch):
+    """Steps 1-2 at batch 16 trained on examples 0-31 of the shuffled stream; a resume at batch 8 goes on with
+    examples 32-47 (before: with 16-31, seen twice), saves data position 48, and the change goes to
+    config_history.jsonl before config.json is rewritten (before: config.json was silently overwritten)."""
+    import json
+
+    from uvit_jax import data
+    monkeypatch.setattr(train._GridWriter, "write", lambda *a: None)
+    seen, make = [], data.make_train_batches
+
+    def spy(dataset, **kwargs):
+        seen.append((kwargs["start_step"], kwargs.get("start_position"), kwargs["global_batch_size"]))
+        return make(dataset, **kwargs)
+
+    monkeypatch.setattr(train.data, "make_train_batches", spy)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(digits_dir, n_steps=2), str(workdir))
+    config = tiny_config(digits_dir, n_steps=4, batch_size=8)
+    config.optimizer.lr = 5e-4
+    train.train_and_evaluate(config, str(workdir))
+    assert seen == [(0, 0, 16), (2, 32, 8)]
+    metadata = json.loads((workdir / "checkpoints" / "4" / "metadata" / "metadata").read_text())
+    assert metadata["data_position"] == 48
+    # What the batch-8 steps 3 and 4 read is what one batch-16 step 3 would have read (examples 32-47).
+    whole = make(config.dataset, global_batch_size=16, seed=config.seed, start_step=2)
+    halves = make(config.dataset, global_batch_size=8, seed=config.seed, start_step=2, start_position=32)
+    try:
+        np.testing.assert_array_equal(np.concatenate([next(halves)["image"], next(halves)["image"]]),
+                                      next(whole)["image"])
+    finally:
+        whole.close()
+        halves.close()
+    history = [json.loads(line) for line in open(workdir / "config_history.jsonl")]
+    assert len(history) == 1 and history[0]["step"] == 2
+    assert history[0]["changed"]["train.batch_size"] == [16, 8]
+    assert history[0]["changed"]["optimizer.lr"] == [1e-3, 5e-4]
+    assert json.load(open(workdir / "config.json"))["train"]["batch_size"] == 8
 
 
 def test_bfloat16_train_step_runs(digits_dir):

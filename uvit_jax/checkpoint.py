@@ -11,21 +11,20 @@ Restores go onto the shardings of an abstract tree built for the *current* mesh,
 device count or parameter layout. Typed PRNG keys cannot be checkpointed: keep them out of the state (derive keys
 with `fold_in(seed, step)`).
 
-Integrity. `save` records a 64-bit checksum of every leaf in the metadata (`metadata["checksums"]`), and refuses a
-state with a non-finite float. Restores recompute the checksums on the restored arrays and require every float leaf
-to be finite; a step that fails (or cannot be read at all) is set aside and the previous step is used. The checksum
-is computed *on device*, by one jitted pass: each 32-bit word of a leaf is mixed with its flat index and the mixed
-words are summed modulo 2^32 (two independent lanes). Integer sums do not depend on the reduction order, so the
-value is the same for any sharding or device count (a state saved on 8 devices is checked after a restore onto 4),
-every process of a multi-host run gets the same replicated scalars without gathering or copying the state to the
-host a second time, and it checks end to end: what the devices held when saving is what they hold after restoring.
+Integrity. `save` records the step and a 64-bit checksum of every leaf in the metadata (`metadata["checksums"]`,
+see `integrity`), and refuses a state with a non-finite float. A restore first checks that the step is what it says
+it is (the recorded step equals its directory name, and the directory is not a link into another run): otherwise it
+stops, in one line. It then recomputes the checksums on the restored arrays and requires every float leaf to be
+finite. A step is set aside, and the previous step used, only on evidence of corruption: a checksum mismatch,
+non-finite values, or files that cannot be decoded or are missing (`_corruption`). Any other error (a transient
+storage error, an out-of-memory, a bug) stops the restore with that error and leaves the step where it is.
 
 Failures. A background save that fails is reported by `check_health()` (non-blocking; call it every step) and by
 `wait()` / `close()` (bounded) as a `CheckpointSaveError`: one line with the path and the cause (permission denied,
 disk full, quota exceeded, read-only filesystem, or other). `exit_after_save_failure` then ends the process even if
 orbax threads are stuck. Only the training loop constructs a `Checkpointer` (the one writer of a workdir, see
-`workdir_lock`); readers use `restore_ema_params`, which creates nothing on disk (converted official params dirs are
-`uvit_jax.convert`'s).
+`workdir_lock`), as a context manager, so that it is closed on every way out; readers use `restore_ema_params`,
+which creates nothing on disk (converted official params dirs are `uvit_jax.convert`'s).
 
 Multi-host: every process calls `save` / `restore_latest` at the same steps (the checksum pass is one jitted
 computation over the global arrays). Process 0 alone decides whether a step exists on disk (broadcast to the others),
@@ -35,31 +34,26 @@ so there are no temporary directories to remove.
 from __future__ import annotations
 
 import errno
-import functools
 import json
-import logging as pylogging
 import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from uvit_jax import preemption
+from uvit_jax import integrity
 
 _STATE = "state"
 _METADATA = "metadata"
 _CHECKSUMS = "checksums"  # reserved metadata key: the checksum record written by `save`
-_CHECKSUM_ALGORITHM = "fmix32-index-sum-2x32"
 _TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step still being written
 # How long wait()/close() let a pending save run before calling the filesystem stuck.
 SAVE_TIMEOUT_S = 1800.0
@@ -67,6 +61,10 @@ SAVE_TIMEOUT_S = 1800.0
 
 class CheckpointMismatchError(ValueError):
     """The saved tree differs from the requested one (paths or shapes): a caller error, not a corrupt checkpoint."""
+
+
+class CheckpointIdentityError(ValueError):
+    """A step directory is not what its name says: it holds another step, or links into another run."""
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -79,10 +77,6 @@ class NoCheckpointError(FileNotFoundError):
 
 class NoSuchStepError(NoCheckpointError):
     """The step asked for is not among the saved ones (the message lists them)."""
-
-
-class NonFiniteStateError(ValueError):
-    """`save` was given a state with NaN or infinite floats; nothing was written."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -105,19 +99,14 @@ class Checkpointer:
 
     Args:
       directory: the checkpoint directory (created if missing), usually `workdir/checkpoints`.
-      save_interval_steps: `should_save` is true at multiples of this (and at a preemption).
       max_to_keep: the newest this many checkpoints are kept; older ones are deleted by orbax.
       async_save: write in a background thread after a blocking device -> host copy.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int, max_to_keep: int = 3,
-                 async_save: bool = True):
-        if save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = _as_path(directory)
-        self._interval = int(save_interval_steps)
         self._async = async_save
         self._remove_interrupted_saves()
         self._protected = _ProtectedStep()
@@ -145,26 +134,18 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------------------- saving
 
-    def should_save(self, step: int) -> bool:
-        """Whether `step` is a save step: a multiple of the interval, or a preemption (JAX's sync point under
-        jax.distributed, the SIGTERM flag otherwise). Cheap; under jax.distributed call it at every step on every
-        host, since the sync point needs all hosts' steps."""
-        return int(step) % self._interval == 0 or preemption.should_stop(int(step))
-
-    def save(self, step: int, state: Any, metadata: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, metadata: dict) -> bool:
         """Save `state` (a pytree of arrays) and JSON `metadata` at `step`; returns whether a save was started.
 
-        Without `force`, only steps where `should_save(step)` holds are saved. A step that exists on disk is never
-        overwritten (returns False). A checksum record of every leaf is added to the saved metadata (under
-        "checksums"; `restore_latest` returns the metadata without it). Raises NonFiniteStateError (nothing
+        A step that exists on disk is never overwritten (returns False). The step number and a checksum record of
+        every leaf are added to the saved metadata (under "checksums"; `restore_latest` returns the metadata
+        without it). Raises integrity.NonFiniteStateError (nothing
         written) for NaN/inf floats, and CheckpointSaveError when this or a previous save failed. The write
         finishes in the background when async: call `check_health()` each step and `close()` at the end.
         """
         step = int(step)
         if self._closed:
             raise RuntimeError(f"checkpoint: save of step {step} after close() ({self.directory})")
-        if not force and not self.should_save(step):
-            return False
         _check_no_typed_keys(state)
         if not isinstance(metadata, dict):
             raise TypeError(f"checkpoint metadata must be a dict, got {type(metadata).__name__}")
@@ -178,7 +159,7 @@ class Checkpointer:
         if self._step_on_disk(step):
             return False
         start = time.perf_counter()
-        record = _checksum_record(state, f"state of step {step}")
+        record = {**integrity.checksum_record(state, f"state of step {step}"), "step": step}
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                      _METADATA: ocp.args.JsonSave({**metadata, _CHECKSUMS: record})})
         try:
@@ -267,8 +248,14 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # the error in flight is the one to report; a save failure found while closing goes to the log
+            self.close()
+        except CheckpointSaveError as e:
+            logging.error("%s", e)
 
     def protect_step(self, step: int | None) -> None:
         """Keep `step` whatever `max_to_keep` says (e.g. the best FID so far); protecting another step, or None,
@@ -289,12 +276,12 @@ class Checkpointer:
         """Restore the newest usable checkpoint onto `abstract_state`; returns (state, metadata, step) or None.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` carrying the current mesh's shardings. A step is
-        unusable when its files cannot be read, its checksums differ from the saved record, or a restored float is
-        not finite. Once an older step restores, each unusable newer step directory is renamed to
-        `<step>.corrupt-<n>` (kept, never deleted; the resumed run can save that step number again), with one
-        warning line. Returns None when there is no checkpoint. Raises CheckpointMismatchError when the saved tree
-        paths or shapes differ from `abstract_state` (a changed config, not corruption; dtypes are cast), and
-        CheckpointCorruptError when no step is usable; neither moves anything.
+        unusable on evidence of corruption only (see the module docstring). Once an older step restores, each
+        unusable newer step directory is renamed to `<step>.corrupt-<n>` (kept, never deleted; the resumed run can
+        save that step number again), with one warning line. Returns None when there is no checkpoint. Raises
+        CheckpointIdentityError for a step that is not what its name says, CheckpointMismatchError when the saved
+        tree paths or shapes differ from `abstract_state` (a changed config, not corruption; dtypes are cast),
+        CheckpointCorruptError when no step is usable, and any other restore error as it is; none moves anything.
         """
         check_abstract(abstract_state, "abstract_state")
         self.wait()  # an in-flight async save is not corrupt: let it land first
@@ -302,28 +289,26 @@ class Checkpointer:
         failed: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             start = time.perf_counter()
-            state_dir = self.directory / str(step) / _STATE
-            saved, error = None, None
-            try:
-                saved = _saved_tree(state_dir)
-            except Exception as e:  # noqa: BLE001 - unreadable tree metadata: this step is unusable
-                error = _cause(e)
-            if (error := _agreed(error)) is not None:
+            step_dir = self.directory / str(step)
+            _check_is_own_step(self.directory, step)
+            where = f"checkpoint step {step} in {self.directory}"
+            read, error = _attempt(lambda: (_read_metadata(step_dir), _saved_tree(step_dir / _STATE)), where)
+            if error is not None:
                 failed.append((step, error))
                 continue
+            _check_step_number(read[0], step_dir, step)
             # A shape / tree mismatch is the caller's problem (changed config), not a corrupt checkpoint: no fallback.
-            check_compatible(saved, abstract_state, f"checkpoint step {step} in {self.directory}")
-            try:
+            check_compatible(read[1], abstract_state, where)
+
+            def restore_and_verify():
                 restored = self._manager.restore(step, args=ocp.args.Composite(**{
                     _STATE: ocp.args.StandardRestore(abstract_state), _METADATA: ocp.args.JsonRestore()}))
                 metadata = dict(restored[_METADATA])
-            except Exception as e:  # noqa: BLE001 - missing or garbled files: try an older step
-                error = _cause(e)
-            if (error := _agreed(error)) is None:
-                try:  # one computation over the global arrays: every process reaches the same verdict
-                    _verify(restored[_STATE], metadata.pop(_CHECKSUMS, None), "")
-                except _IntegrityError as e:
-                    error = str(e)
+                # one computation over the global arrays: every process reaches the same verdict
+                integrity.verify(restored[_STATE], metadata.pop(_CHECKSUMS, None), "")
+                return restored[_STATE], metadata
+
+            restored, error = _attempt(restore_and_verify, where)
             if error is not None:
                 failed.append((step, error))
                 continue
@@ -331,7 +316,7 @@ class Checkpointer:
                 self._set_aside(failed, step)
             logging.info("checkpoint: restored step %d from %s in %.3f s", step, self.directory,
                          time.perf_counter() - start)
-            return restored[_STATE], metadata, step
+            return restored[0], restored[1], step
         if not failed:
             return None
         details = "; ".join(f"step {s}: {c}" for s, c in failed)
@@ -369,6 +354,12 @@ class _ProtectedStep:
 # ----------------------------------------------------------------------------------------------- the readers
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The finalized steps of a checkpoint directory, oldest first ([] when it does not exist). Reads only."""
+    directory = _as_path(directory)
+    return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
 def restore_ema_params(directory: str | os.PathLike, abstract_params: Any, *,
                        step: int | None = None) -> tuple[Any, int]:
     """Read only the EMA params (`state["ema_params"]`) of a checkpoint directory; returns (params, step).
@@ -383,7 +374,7 @@ def restore_ema_params(directory: str | os.PathLike, abstract_params: Any, *,
     directory = _as_path(directory)
     if not directory.is_dir():
         raise NoCheckpointError(f"no checkpoint directory {directory}")
-    steps = sorted(ocp.path.step.checkpoint_steps(directory))
+    steps = saved_steps(directory)
     if not steps:
         raise NoCheckpointError(f"no checkpoint in {directory}")
     if step is not None and int(step) not in steps:
@@ -392,109 +383,29 @@ def restore_ema_params(directory: str | os.PathLike, abstract_params: Any, *,
     errors = []
     for s in ([int(step)] if step is not None else reversed(steps)):
         start = time.perf_counter()
-        try:
-            params = _restore_subtree(directory / str(s) / _STATE, "ema_params", abstract_params)
-            metadata = ocp.JsonCheckpointHandler().restore(directory / str(s) / _METADATA)
-            _verify(params, metadata.get(_CHECKSUMS) if isinstance(metadata, Mapping) else None, "ema_params/")
-        except CheckpointMismatchError:
-            raise
-        except Exception as e:  # noqa: BLE001 - unusable step: try an older one
+        step_dir = directory / str(s)
+        _check_is_own_step(directory, s)
+
+        def read():
+            metadata = _read_metadata(step_dir)
+            _check_step_number(metadata, step_dir, s)
+            params = _restore_subtree(step_dir / _STATE, "ema_params", abstract_params)
+            integrity.verify(params, metadata.get(_CHECKSUMS), "ema_params/")
+            return params
+
+        params, error = _attempt(read, f"the EMA params of checkpoint step {s} in {directory}")
+        if error is not None:
             if step is not None:
                 raise CheckpointCorruptError(f"the EMA params of checkpoint step {s} in {directory} are unusable: "
-                                             f"{_cause(e)}") from e
+                                             f"{error}")
             logging.warning("checkpoint: the EMA params of step %d in %s are unusable (%s); trying the previous step",
-                            s, directory, _cause(e))
-            errors.append(f"step {s}: {_cause(e)}")
+                            s, directory, error)
+            errors.append(f"step {s}: {error}")
             continue
         logging.info("checkpoint: restored the EMA params of step %d from %s in %.3f s", s, directory,
                      time.perf_counter() - start)
         return params, s
     raise CheckpointCorruptError(f"no checkpoint in {directory} has usable EMA params: {'; '.join(errors)}")
-
-
-def config_differences(saved: Mapping, current: Any,
-                       keys: Sequence[str] = ("nnet", "dataset.name", "dataset.image_size", "schedule", "pred")
-                       ) -> list[str]:
-    """Differences between a checkpoint's saved config (`metadata["config"]`) and the current one, at `keys`.
-
-    Dotted keys name nested entries; a key whose values are dicts is compared entry by entry. Returns lines like
-    "nnet.depth: checkpoint 12, now 16" (empty when they agree). Values are compared after a JSON round trip, so a
-    tuple in the current config equals the list it was saved as.
-    """
-    missing = "<missing>"
-
-    def plain(tree):
-        tree = tree.to_dict() if hasattr(tree, "to_dict") else tree
-        return json.loads(json.dumps(tree, default=str))
-
-    def get(tree, key):
-        for part in key.split("."):
-            if not isinstance(tree, dict) or part not in tree:
-                return missing
-            tree = tree[part]
-        return tree
-
-    def compare(a, b, key, out):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for sub in sorted(a.keys() | b.keys()):
-                compare(a.get(sub, missing), b.get(sub, missing), f"{key}.{sub}", out)
-        elif a != b:
-            out.append(f"{key}: checkpoint {a!r}, now {b!r}")
-
-    saved, current = plain(saved), plain(current)
-    out: list[str] = []
-    for key in keys:
-        compare(get(saved, key), get(current, key), key, out)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- failure handling
-
-
-_ORBAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__)))  # .../site-packages/orbax
-
-
-class _OrbaxConsoleFilter(pylogging.Filter):
-    """Drops orbax's records below WARNING and cuts the others to their first line (no traceback): a failed save is
-    reported once, by CheckpointSaveError."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        if not record.pathname.startswith(_ORBAX_DIR):
-            return True
-        if record.levelno < pylogging.WARNING:
-            return False
-        record.msg, record.args = record.getMessage().split("\n", 1)[0], None
-        record.exc_info = record.exc_text = record.stack_info = None
-        return True
-
-
-_quiet_installed = False
-
-
-def quiet_orbax_logging() -> None:
-    """Keep orbax's chatter off the console: its per-save INFO lines go, its warnings and errors lose their
-    tracebacks, and the errors of its orphaned coroutines ("Event loop is closed" at shutdown, the other shards'
-    read errors of a corrupt checkpoint) are not printed.
-    Call once at start-up; idempotent."""
-    global _quiet_installed
-    if _quiet_installed:
-        return
-    _quiet_installed = True
-    # orbax logs through absl's logger (its records carry orbax's file names); a plain "orbax" logger may exist too.
-    for name in ("absl", "orbax"):
-        pylogging.getLogger(name).addFilter(_OrbaxConsoleFilter())
-    pylogging.getLogger("orbax").setLevel(pylogging.WARNING)
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        code = getattr(unraisable.object, "cr_code", None)  # a coroutine that died with an error nobody awaited
-        if ((isinstance(value, RuntimeError) and "Event loop is closed" in str(value))
-                or (code is not None and code.co_filename.startswith(_ORBAX_DIR))):
-            return  # orbax's background reads and writes failing after their caller got the error
-        previous(unraisable)
-
-    sys.unraisablehook = hook
 
 
 def exit_after_save_failure(error: BaseException, checkpointer: Checkpointer | None = None, *,
@@ -560,105 +471,6 @@ def _save_error(step: int | None, directory: epath.Path, error: BaseException) -
     return CheckpointSaveError(step, directory, "other", f"{type(innermost).__name__}: {short_error(innermost)}")
 
 
-# ------------------------------------------------------------------------------------------------------ checksums
-
-
-def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser: every input bit flips about half of the output bits."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The bits of `x` as uint32 words (8-byte dtypes gain a trailing axis of 2)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}.get(x.dtype.itemsize)
-    if unsigned is None or jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise TypeError(f"cannot checksum an array of dtype {x.dtype}")
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _digest_leaves(leaves: list) -> tuple[jax.Array, jax.Array]:
-    """(uint32 [n, 2] checksums, bool [n] all-finite) of n arrays; sharding-independent (see the module docstring)."""
-    sums, finite = [], []
-    for x in leaves:
-        w = _words(x)
-        index = jnp.zeros(w.shape, jnp.uint32)
-        stride = 1
-        for axis in reversed(range(w.ndim)):  # the flat index, built per axis so that no axis is gathered
-            index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * np.uint32(stride % 2 ** 32)
-            stride *= w.shape[axis]
-        lanes = [jnp.sum(_fmix32(w ^ _fmix32(index * np.uint32(0x9E3779B9) + np.uint32(seed))), dtype=jnp.uint32)
-                 for seed in (0x243F6A88, 0x85A308D3)]
-        sums.append(jnp.stack(lanes))
-        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True))
-    return jnp.stack(sums), jnp.stack(finite)
-
-
-@functools.lru_cache(maxsize=8)
-def _digest_fn(mesh: Mesh | None):
-    # Replicated outputs, so that every process of a multi-host run can read them.
-    out = None if mesh is None else NamedSharding(mesh, P())
-    return jax.jit(_digest_leaves, out_shardings=out)
-
-
-def _digest(tree: Any) -> list[tuple[str, Any, str, bool]]:
-    """(path, leaf, checksum hex, all finite) for every leaf of `tree`, one jitted pass per mesh."""
-    flat = jax.tree_util.tree_leaves_with_path(tree)
-    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
-    groups: dict[Any, list[int]] = {}
-    for i, x in enumerate(leaves):
-        sharding = x.sharding
-        key = sharding.mesh if isinstance(sharding, NamedSharding) else frozenset(sharding.device_set)
-        groups.setdefault(key, []).append(i)
-    sums, finite = np.zeros((len(leaves), 2), np.uint32), np.ones(len(leaves), bool)
-    for key, members in groups.items():
-        s, f = _digest_fn(key if isinstance(key, Mesh) else None)([leaves[i] for i in members])
-        sums[members], finite[members] = np.asarray(s), np.asarray(f)
-    return [(jax.tree_util.keystr(path, simple=True, separator="/"), x, f"{a:08x}{b:08x}", bool(ok))
-            for (path, _), x, (a, b), ok in zip(flat, leaves, sums, finite)]
-
-
-def _checksum_record(state: Any, where: str) -> dict:
-    """The checksum record saved with a state; raises NonFiniteStateError if a float leaf is not finite."""
-    digest = _digest(state)
-    bad = [path for path, _, _, ok in digest if not ok]
-    if bad:
-        raise NonFiniteStateError(f"refusing to save the {where}: non-finite values in {', '.join(bad[:5])}"
-                                  + (f" ({len(bad)} leaves in all)" if len(bad) > 5 else ""))
-    return {"algorithm": _CHECKSUM_ALGORITHM,
-            "leaves": {path: {"dtype": str(x.dtype), "shape": list(x.shape), "sum": s} for path, x, s, _ in digest}}
-
-
-class _IntegrityError(ValueError):
-    """Restored values differ from the saved checksums, or are not finite."""
-
-
-def _verify(tree: Any, record: Any, prefix: str) -> None:
-    """Check restored arrays against the saved checksum record (leaf paths under `prefix`) and for finiteness.
-
-    Leaves restored to another dtype than saved (orbax casts) are not compared. A checkpoint without a record (saved
-    before checksums existed) is only checked for finiteness.
-    """
-    known = record.get("leaves", {}) if isinstance(record, dict) and record.get("algorithm") == _CHECKSUM_ALGORITHM \
-        else {}
-    problems = []
-    for path, x, s, ok in _digest(tree):
-        saved = known.get(prefix + path)
-        if (isinstance(saved, dict) and saved.get("dtype") == str(x.dtype)
-                and tuple(saved.get("shape", ())) == tuple(x.shape) and saved.get("sum") != s):
-            problems.append(f"{prefix}{path}: checksum mismatch")
-        if not ok:
-            problems.append(f"{prefix}{path}: non-finite values")
-    if problems:
-        raise _IntegrityError("; ".join(problems[:4]) + (f" ({len(problems)} problems in all)"
-                                                         if len(problems) > 4 else ""))
-
-
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
@@ -667,17 +479,84 @@ def _as_path(directory: str | os.PathLike) -> epath.Path:
     return epath.Path(directory if "://" in directory else os.path.abspath(directory))
 
 
-def _agreed(error: str | None) -> str | None:
-    """A read error on any process makes the step unusable on all of them (each process reads its own shards)."""
-    if jax.process_count() == 1:
-        return error
-    failed_anywhere = bool(np.any(multihost_utils.process_allgather(np.asarray(error is not None))))
-    return error if error is not None or not failed_anywhere else "unreadable on another process"
+# Evidence that a step's files are damaged: what orbax / tensorstore / json raise for bytes that do not decode or
+# files that are missing. Checked after _TRANSIENT, which wins.
+_CORRUPT_TYPES = (integrity.IntegrityError, json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError,
+                  NotADirectoryError, IsADirectoryError)
+_CORRUPT_TEXT = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "decompress", "Truncated",
+                 "checksum mismatch", "non-finite values")
+# Not evidence: a storage or memory problem that says nothing about the bytes on disk (tensorstore status codes).
+_TRANSIENT_TEXT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED",
+                   "PERMISSION_DENIED", "UNAUTHENTICATED", "Out of memory")
 
 
-def _cause(e: BaseException) -> str:
-    return str(e) if isinstance(e, _IntegrityError) else f"{type(e).__name__}: {short_error(e)}"
+def _corruption(error: BaseException) -> str | None:
+    """The cause, if `error` (raised while reading a step) is evidence that the step is corrupt; else None."""
+    chain = _chain(error)
+    for e in chain:
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and not isinstance(e, _CORRUPT_TYPES)):
+            return None  # EIO, EACCES, a stale NFS handle, ...: the bytes may be fine
+        if any(t in str(e) for t in _TRANSIENT_TEXT):
+            return None
+    for e in chain:
+        if isinstance(e, _CORRUPT_TYPES) or any(t in str(e) for t in _CORRUPT_TEXT):
+            return str(e) if isinstance(e, integrity.IntegrityError) else f"{type(e).__name__}: {short_error(e)}"
+    return None
 
+
+def _attempt(read, where: str) -> tuple[Any, str | None]:
+    """(read(), None), or (None, cause) when reading failed on evidence of corruption, agreed by every process (each
+    reads its own shards). Any other error is raised as it is, on every process, and moves nothing."""
+    value, cause, other = None, None, None
+    try:
+        value = read()
+    except (CheckpointIdentityError, CheckpointMismatchError):
+        raise
+    except Exception as e:  # noqa: BLE001 - classified below
+        cause = _corruption(e)
+        if cause is None:
+            other = e
+    if jax.process_count() > 1:
+        code = 2 if other is not None else int(cause is not None)
+        worst = int(np.max(multihost_utils.process_allgather(np.asarray(code))))
+        if other is None and worst == 2:
+            raise RuntimeError(f"reading {where} failed on another process (see its log); nothing was moved")
+        if cause is None and worst == 1:
+            cause = "unreadable on another process"
+    if other is not None:
+        other.add_note(f"while reading {where}: this error is not evidence of a corrupt checkpoint, so the step was "
+                       "left in place; fix the cause and run again")
+        raise other
+    return value, cause
+
+
+def _read_metadata(step_dir: epath.Path) -> dict:
+    metadata = ocp.JsonCheckpointHandler().restore(step_dir / _METADATA)
+    if not isinstance(metadata, Mapping):
+        raise json.JSONDecodeError(f"expected a JSON object, got {type(metadata).__name__}", "", 0)
+    return dict(metadata)
+
+
+def _check_is_own_step(directory: epath.Path, step: int) -> None:
+    """A step directory (or its state / metadata) that links elsewhere belongs to another run: refuse it."""
+    if "://" in str(directory):
+        return  # object stores have no links
+    step_dir = os.path.join(directory, str(step))
+    for path in (step_dir, os.path.join(step_dir, _STATE), os.path.join(step_dir, _METADATA)):
+        if os.path.islink(path):
+            raise CheckpointIdentityError(
+                f"{path} is a link to {os.path.realpath(path)}: a run restores only the steps it wrote. Copy that "
+                f"step into {directory} (cp -rL) or remove the link")
+
+
+def _check_step_number(metadata: dict, step_dir: epath.Path, step: int) -> None:
+    """The step recorded at save time must be the directory's name (a renamed step would resume at a wrong step)."""
+    record = metadata.get(_CHECKSUMS)
+    saved = record.get("step") if isinstance(record, Mapping) and "step" in record else metadata.get("step")
+    if saved is not None and int(saved) != step:
+        raise CheckpointIdentityError(
+            f"{step_dir} holds step {saved}, not {step} (was it renamed?): move it back to "
+            f"{step_dir.parent / str(saved)}, or out of {step_dir.parent}")
 
 
 def _restore_subtree(state_dir: epath.Path, item: str, abstract: Any) -> Any:

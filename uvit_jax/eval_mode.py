@@ -72,7 +72,7 @@ def reference_stats(config, workdir: str, feature_fn) -> tuple[dict, str]:
     cached in WORKDIR/eval/."""
     problem = reference_stats_problem(config)
     if problem:
-        raise FileNotFoundError(problem)
+        raise console.MissingFileError(problem)
     if config.eval.ref_stats:
         return evaluate.load_reference_stats(config.eval.ref_stats, feature_fn), config.eval.ref_stats
     info = data.dataset_info(config.dataset)
@@ -97,7 +97,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     sample_dir = config.sample.path or RunDir(workdir).samples
     paths = sample_files(sample_dir)
     if not paths:
-        raise FileNotFoundError(f"no samples in {sample_dir}: run --mode sample first")
+        raise console.MissingFileError(f"no samples in {sample_dir}: run --mode sample first")
     ref, ref_source = reference_stats(config, workdir, feature_fn)
     metrics = evaluate.evaluate_samples(paths, ref, feature_fn, batch_size=config.eval.batch_size,
                                         pr_k=config.eval.pr_k)
@@ -137,9 +137,9 @@ def training_fid_generate(config, image_shape: tuple[int, ...], mesh, null_conte
 
 
 def make_training_fid_callback(config, workdir: str):
-    """callback(step, state) -> {"fid": value}: FID of `train.fid_n_samples` EMA samples drawn with
-    `training_fid_sampler`, against the reference; writes WORKDIR/eval/fid_<step>.json (the training loop keeps
-    the best step)."""
+    """callback(step, state) -> {"fid": value, ...}: FID of `train.fid_n_samples` EMA samples drawn with
+    `training_fid_sampler`, against the reference (the training loop records it in WORKDIR/eval/fid_<step>.json
+    and keeps the best step)."""
     feature_fn = make_feature_fn(config)
     ref, _ = reference_stats(config, workdir, feature_fn)
     info = data.dataset_info(config.dataset)
@@ -174,10 +174,8 @@ def make_training_fid_callback(config, workdir: str):
         fid = float(evaluate.frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]))
         record = {"step": int(step), "fid": fid, "n_samples": n, "sampler": sampler,
                   "seconds": round(time.time() - start, 2)}
-        if parallel.is_main_process():
-            files.write_json(RunDir(workdir).fid_record(step), record)
         logging.info("step %d: FID-%d %.3f (%s %d steps, %.0f s)", step, n, fid, sampler["algorithm"],
                      sampler["steps"], record["seconds"])
-        return {"fid": fid}
+        return record
 
     return callback

@@ -427,7 +427,7 @@ def load_reference_stats(path: str, feature_fn: FeatureFn | None = None, *, batc
     Anything else is a ValueError naming the keys found.
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"reference statistics not found: {path}")
+        raise console.MissingFileError(f"reference statistics not found: {path}")
     with np.load(path) as f:
         keys = set(f.files)
         if not ({"mu", "sigma"} <= keys or "arr_0" in keys):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from uvit_jax import convert, data, parallel
+from uvit_jax import console, convert, data, parallel
 from uvit_jax.models import clip_tokenizer
 from uvit_jax.models.clip_text import CLIPTextModel
 
@@ -41,9 +41,9 @@ def downsampling(config) -> int:
 def _weights(path: str | None, key: str, source: str) -> str:
     """The weights file `config.<key>` names; FileNotFoundError naming the key, the path and where it comes from."""
     if not path:
-        raise FileNotFoundError(f"config.{key} is not set: point it at {source}")
+        raise console.MissingFileError(f"config.{key} is not set: point it at {source}")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.{key}={path} not found: get it from {source}")
+        raise console.MissingFileError(f"config.{key}={path} not found: get it from {source}")
     return path
 
 

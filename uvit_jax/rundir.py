@@ -15,7 +15,7 @@ The best step. A step's FID is known only after its checkpoint is saved, and a r
 truth is the FID records (`eval/fid_<step>.json`, one per step, written once the FID exists) together with the steps
 still on disk: `best(steps)` is the lowest recorded FID among `steps`. `eval/best.json` is that answer written down
 for people; nothing reads it back. A record belongs to the save it followed: when a step is saved again (after a
-corrupt step was set aside) its old record is dropped (`forget_fid`).
+corrupt step was set aside) its old record is dropped (`BestRecord.saved`).
 """
 from __future__ import annotations
 
@@ -105,10 +105,8 @@ class RunDir:
     def features(self) -> str:
         return self._path("features")
 
-    # ------------------------------------------------------------------------------------------- the best FID
-
     def fids(self) -> dict[int, float]:
-        """{step: FID} of every FID record in eval/ (unreadable records are skipped: they were never finished)."""
+        """{step: FID} of every FID record in eval/ (an unreadable record is skipped: its write never finished)."""
         if not os.path.isdir(self.eval):
             return {}
         out = {}
@@ -125,32 +123,56 @@ class RunDir:
 
     def best(self, steps: Iterable[int]) -> dict | None:
         """{"step", "fid"}: the lowest recorded FID among `steps` (the checkpoints on disk), or None."""
-        fids = self.fids()
-        known = [(fids[s], s) for s in set(int(s) for s in steps) if s in fids]
-        if not known:
-            return None
-        fid, step = min(known)
-        return {"step": step, "fid": fid}
+        return _lowest(self.fids(), steps)
+
+
+def _lowest(fids: dict[int, float], steps: Iterable[int]) -> dict | None:
+    known = [(fids[s], s) for s in {int(s) for s in steps} if s in fids]
+    if not known:
+        return None
+    fid, step = min(known)
+    return {"step": step, "fid": fid}
+
+
+_UNKNOWN = object()
+
+
+class BestRecord:
+    """The FIDs of a training run's steps and the step to keep: every process of a run holds the same record in
+    memory (read once at start, then updated with the FIDs every process computes); one (`writer`) writes it.
+
+    Args:
+      run: the run directory.
+      writer: whether this process writes eval/ (process 0).
+    """
+
+    def __init__(self, run: RunDir, *, writer: bool):
+        self.run, self.writer = run, writer
+        self._fids = run.fids()
+        self._written: dict | None | object = _UNKNOWN  # what best.json holds; the first `best` call rewrites it
 
     def has_fid(self, step: int) -> bool:
-        return int(step) in self.fids()
+        return int(step) in self._fids
 
-    def record_fid(self, step: int, record: dict, steps: Iterable[int]) -> dict | None:
-        """Write the FID record of `step` (`record` holds at least "fid"), then best.json for `steps` (the
-        checkpoints on disk); returns the best. Call on one process only."""
-        files.write_json(self.fid_record(step), {**record, "step": int(step)})
-        return self.write_best(steps)
+    def saved(self, step: int) -> None:
+        """`step` was just saved: a FID recorded for that step number described an earlier save."""
+        if self._fids.pop(int(step), None) is not None and self.writer:
+            os.remove(self.run.fid_record(step))
 
-    def write_best(self, steps: Iterable[int]) -> dict | None:
-        """Bring eval/best.json up to date with the records and `steps`; returns the best (None removes the file)."""
-        best = self.best(steps)
-        if best is not None:
-            files.write_json(self.best_record, best)
-        elif os.path.exists(self.best_record):
-            os.remove(self.best_record)
+    def add(self, step: int, record: dict) -> None:
+        """The FID of `step` arrived (`record` holds at least "fid"; written as eval/fid_<step>.json)."""
+        self._fids[int(step)] = float(record["fid"])
+        if self.writer:
+            files.write_json(self.run.fid_record(step), {**record, "step": int(step)})
+
+    def best(self, steps: Iterable[int]) -> dict | None:
+        """The lowest FID among `steps` (the checkpoints on disk): the step the checkpointer must keep. The writer
+        brings eval/best.json up to date with it (removed when there is none)."""
+        best = _lowest(self._fids, steps)
+        if self.writer and best != self._written:
+            if best is not None:
+                files.write_json(self.run.best_record, best)
+            elif os.path.exists(self.run.best_record):
+                os.remove(self.run.best_record)
+            self._written = best
         return best
-
-    def forget_fid(self, step: int) -> None:
-        """Drop the FID record of `step`: it described an earlier save of that step number."""
-        if os.path.exists(self.fid_record(step)):
-            os.remove(self.fid_record(step))

@@ -15,7 +15,6 @@ With `sample.prompts=FILE` (text models): one image per line of FILE, the prompt
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import time
@@ -30,8 +29,8 @@ from PIL import Image, ImageDraw
 
 from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.rundir import RunDir
 from uvit_jax.config import ConfigError
+from uvit_jax.rundir import RunDir
 from uvit_jax.train_step import make_apply
 
 
@@ -79,21 +78,13 @@ def load_ema_params(config, workdir: str, mesh) -> tuple[dict, str]:
     return params, f"EMA params of step {step} ({why}) in {directory}"
 
 
-def read_best(workdir: str) -> dict | None:
-    """WORKDIR/eval/best.json ({"step", "fid"}: the lowest FID during training) or None."""
-    path = RunDir(workdir).best_record
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def _chosen_step(choice: str, workdir: str) -> tuple[int | None, str]:
     """config.sample.step -> (step or None for the newest, the reason to log)."""
     if choice.isdigit():
         return int(choice), "chosen with sample.step"
     if choice == "best":
-        best = read_best(workdir)
+        run = RunDir(workdir)
+        best = run.best(checkpoint.saved_steps(run.checkpoints))
         if best is not None:
             return int(best["step"]), f"best FID during training, {best['fid']:.3f}; sample.step=latest for the newest"
         return None, "the newest: no FID was computed during training"
@@ -179,7 +170,7 @@ def sample_to_dir(config, workdir: str) -> str:
 def read_prompts(path: str) -> list[str]:
     """The non-empty lines of a prompts file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.sample.prompts={path} not found (a text file, one prompt a line)")
+        raise console.MissingFileError(f"config.sample.prompts={path} not found (a text file, one prompt a line)")
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:

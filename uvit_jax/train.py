@@ -3,14 +3,15 @@
 `train_and_evaluate(config, workdir)` trains from the newest good checkpoint of `workdir` (or from scratch) to
 `train.n_steps`. The pure pieces (state, optimizer, loss, step) are in `train_step.py`; this module does the I/O:
 batches in, metrics and grids out, checkpoints at `train.save_interval` (and on SIGTERM / preemption, and at the
-end), never a non-finite state. One writer per workdir (a lock), metrics leave the device only at log steps.
+end), never a non-finite state, and the best FID's step kept. One writer per workdir (a lock).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -20,13 +21,24 @@ from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
 from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
-from uvit_jax.rundir import RunDir
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.rundir import BestRecord, RunDir
 from uvit_jax.train_step import State, Trainer, flops_per_image, make_apply, peak_flops_per_device
 from uvit_jax.workdir_lock import WorkdirLock
 
-# Saved config keys that must match the current config for a checkpoint to be resumed (network shape, data).
-RESUME_KEYS = ("nnet", "dataset.name", "dataset.image_size", "schedule", "pred", "autoencoder.scale_factor")
+# What a resumed run does with a setting that differs from its checkpoint's (README, "Resuming with changed
+# settings"). refuse: the saved state would not mean the same (the network, the data, the noise schedule and
+# parametrisation, the seed that orders the data and draws the noise). adapt: the batch size; the run continues from
+# the saved data position, so no part of an epoch is skipped or seen twice. warn: the new value is taken, with one
+# warning line naming old -> new. Any other key (n_steps, intervals, sampling, evaluation) may change silently;
+# every change is appended to WORKDIR/config_history.jsonl before config.json is rewritten.
+RESUME_RULES = {
+    "nnet": "refuse", "dataset.name": "refuse", "dataset.image_size": "refuse", "schedule": "refuse",
+    "pred": "refuse", "autoencoder.scale_factor": "refuse", "seed": "refuse",
+    "train.batch_size": "adapt",
+    "optimizer": "warn", "lr_scheduler": "warn", "dtype": "warn", "ema_rate": "warn", "train.grad_accum_steps": "warn",
+    "dataset.path": "warn", "dataset.data_dir": "warn",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,7 +73,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Train `config` in `workdir`, resuming from its newest good checkpoint; returns the final state.
 
     A SIGTERM (or a JAX preemption notice under jax.distributed) saves the current step and returns early.
-    `eval_callback(step, state) -> metrics` runs every `train.fid_interval` steps (main wires FID here).
+    `eval_callback(step, state) -> {"fid": value, ...}` runs after the saves at multiples of `train.fid_interval`
+    (main wires FID here); its record is kept as WORKDIR/eval/fid_<step>.json, and the checkpoint of the lowest FID
+    among the saved steps outlives `train.max_to_keep` (see `rundir`). A step saved without its FID (the run
+    stopped in between) gets it when the next run starts.
     `mesh` defaults to all devices; any mesh works for resuming, whatever the mesh the checkpoint was saved on.
     """
     info = data.dataset_info(config.dataset)  # a missing dataset stops here, before anything is written
@@ -72,56 +87,139 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> State:
     cfg_t = config.train
+    run = RunDir(workdir)
     cond = Conditioning.from_config(config)
     null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
     null_cond = cond.null_condition(null_context) if cond.cfg_trained else None
     trainer = Trainer(config, mesh=mesh, null_cond=null_cond)
+    with checkpoint.Checkpointer(run.checkpoints, max_to_keep=cfg_t.max_to_keep) as ckpt:
+        restored = ckpt.restore_latest(trainer.abstract_with_shardings())
+        if restored is not None:
+            state, metadata, start_step = restored
+            start_position = _resume_position(metadata, config, start_step, ckpt.directory)
+        else:
+            state, metadata, start_step, start_position = trainer.init(), {}, 0, 0
+        # The lowest FID among the saved steps: its checkpoint outlives max_to_keep, sample mode picks it.
+        record = BestRecord(run, writer=parallel.is_main_process())
+        fid_due = bool(eval_callback is not None and cfg_t.fid_interval)
+        if fid_due and start_step and start_step % cfg_t.fid_interval == 0 and not record.has_fid(start_step):
+            # The previous run stopped between this save and its FID.
+            logging.info("step %d was saved without its FID (the run stopped in between): computing it now",
+                         start_step)
+            record.add(start_step, eval_callback(start_step, state))
+        ckpt.protect_step(_step_of(record.best(ckpt.all_steps())))
+        if start_step >= cfg_t.n_steps:
+            logging.info("Training is already finished: step %d of train.n_steps=%d in %s. To train longer, run "
+                         "again with --config.train.n_steps=N (N > %d).", start_step, cfg_t.n_steps, workdir,
+                         start_step)
+            return state
+        if parallel.is_main_process():
+            _record_config(run, config, metadata.get("config"), start_step)
+        return _loop(config, run, info, lock, eval_callback if fid_due else None, trainer, cond, null_context,
+                     ckpt, record, state, start_step, start_position)
 
-    ckpt = checkpoint.Checkpointer(RunDir(workdir).checkpoints, save_interval_steps=cfg_t.save_interval,
-                                   max_to_keep=cfg_t.max_to_keep)
-    restored = ckpt.restore_latest(trainer.abstract_with_shardings())
-    best = None  # {"step", "fid"}: the lowest FID during training; its checkpoint outlives max_to_keep
-    if restored is not None:
-        state, metadata, start_step = restored
-        best = metadata.get("best")
-        if "config" in metadata:
-            diffs = [d for d in checkpoint.config_differences(metadata["config"], _config_dict(config), RESUME_KEYS)
-                     if not d.startswith("nnet.use_checkpoint")]  # remat changes no parameter
-            if diffs:
-                ckpt.close()
-                raise checkpoint.CheckpointMismatchError(
-                    f"the checkpoint at step {start_step} in {ckpt.directory} was trained with another config: "
-                    + "; ".join(diffs) + ". Use a new --workdir, or restore the config.")
-    else:
-        state, start_step = trainer.init(), 0
-    if best:
-        ckpt.protect_step(best["step"])
-    if start_step >= cfg_t.n_steps:
-        ckpt.close()
-        logging.info("Training is already finished: step %d of train.n_steps=%d in %s. To train longer, run again "
-                     "with --config.train.n_steps=N (N > %d).", start_step, cfg_t.n_steps, workdir, start_step)
-        return state
-    if parallel.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        files.write_json(RunDir(workdir).config, _config_dict(config))
+
+def _step_of(best: dict | None) -> int | None:
+    return None if best is None else best["step"]
+
+
+def _resume_position(metadata: dict, config, start_step: int, directory) -> int:
+    """Apply RESUME_RULES to the checkpoint's saved config; returns the data position to continue from (examples of
+    the seed's shuffled stream already trained on)."""
+    saved = metadata.get("config")
+    position = int(metadata.get("data_position", start_step * config.train.batch_size))
+    if saved is None:
+        return position
+    refused = []
+    for key, rule in RESUME_RULES.items():
+        for name, old, new in config_differences(saved, _config_dict(config), (key,)):
+            if name == "nnet.use_checkpoint":
+                continue  # remat changes no parameter
+            if rule == "refuse":
+                refused.append(f"{name}: checkpoint {old!r}, now {new!r}")
+            elif rule == "adapt":
+                logging.warning("%s: %r -> %r at step %d: continuing from data position %d, so no part of the "
+                                "epoch is skipped or seen twice", name, old, new, start_step, position)
+            else:
+                logging.warning("%s: %r -> %r from step %d on (the checkpoint was trained with %r)", name, old, new,
+                                start_step, old)
+    if refused:
+        raise checkpoint.CheckpointMismatchError(
+            f"the checkpoint at step {start_step} in {directory} was trained with another config: "
+            + "; ".join(refused) + ". Use a new --workdir, or restore the config.")
+    return position
+
+
+def _record_config(run: RunDir, config, saved: dict | None, start_step: int) -> None:
+    """Write config.json; a change from the checkpoint's config is first appended to config_history.jsonl."""
+    current = _config_dict(config)
+    keys = sorted(saved.keys() | current.keys()) if saved else []
+    changed = {name: [old, new] for name, old, new in config_differences(saved, current, keys)}
+    if changed:
+        line = json.dumps({"step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": changed})
+        with open(run.config_history, "a") as f:
+            f.write(line + "\n")
+    files.write_json(run.config, current)
+
+
+def config_differences(saved: Mapping, current: Any,
+                       keys: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """Differences between a checkpoint's saved config (`metadata["config"]`) and the current one, at `keys`.
+
+    Dotted keys name nested entries; a key whose values are dicts is compared entry by entry. Returns
+    (key, saved value, current value) tuples such as ("nnet.depth", 12, 16), "<missing>" for an absent value (empty
+    when they agree). Values are compared after a JSON round trip, so a tuple in the current config equals the list
+    it was saved as.
+    """
+    missing = "<missing>"
+
+    def plain(tree):
+        tree = tree.to_dict() if hasattr(tree, "to_dict") else tree
+        return json.loads(json.dumps(tree, default=str))
+
+    def get(tree, key):
+        for part in key.split("."):
+            if not isinstance(tree, dict) or part not in tree:
+                return missing
+            tree = tree[part]
+        return tree
+
+    def compare(a, b, key, out):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(a.keys() | b.keys()):
+                compare(a.get(sub, missing), b.get(sub, missing), f"{key}.{sub}", out)
+        elif a != b:
+            out.append((key, a, b))
+
+    saved, current = plain(saved), plain(current)
+    out: list[tuple[str, Any, Any]] = []
+    for key in keys:
+        compare(get(saved, key), get(current, key), key, out)
+    return out
+
+
+def _loop(config, run: RunDir, info, lock: WorkdirLock, fid_callback, trainer: Trainer, cond, null_context,
+          ckpt: checkpoint.Checkpointer, record: BestRecord, state: State, start_step: int,
+          start_position: int) -> State:
+    cfg_t = config.train
     n_params = models.count_params(dict(config.nnet))
     logging.info("%s at step %d of %d: %s parameters, global batch %d on %d devices",
                  "Resuming" if start_step else "Starting", start_step, cfg_t.n_steps, f"{n_params:,}",
                  cfg_t.batch_size, jax.device_count())
 
     # TensorBoard only (process 0); the console gets one line per log interval from the loop below.
-    writer = (metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if parallel.is_main_process()
+    writer = (metric_writers.AsyncWriter(metric_writers.SummaryWriter(run.root)) if parallel.is_main_process()
               else metric_writers.MultiWriter([]))
     if start_step == 0:
         writer.write_hparams({k: v for k, v in traverse_util.flatten_dict(_config_dict(config), sep=".").items()
                               if isinstance(v, (int, float, str))})
     hooks = []
     if cfg_t.profile_steps and parallel.is_main_process():
-        hooks.append(periodic_actions.Profile(num_profile_steps=cfg_t.profile_steps, logdir=workdir,
+        hooks.append(periodic_actions.Profile(num_profile_steps=cfg_t.profile_steps, logdir=run.root,
                                               first_profile=start_step + cfg_t.log_interval + 1))
     batches = data.make_train_batches(config.dataset, global_batch_size=cfg_t.batch_size, seed=config.seed,
-                                      start_step=start_step)
-    grid = _GridWriter(config, workdir, info, trainer, cond, null_context)
+                                      start_step=start_step, start_position=start_position)
+    grid = _GridWriter(config, run, info, trainer, cond, null_context)
     flops_img, peak = flops_per_image(config), peak_flops_per_device()
 
     def save(step: int, state: State, metrics: dict) -> None:
@@ -130,15 +228,14 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
             last = ckpt.latest_step()
             restored_note = (f" (step {last} is the checkpoint this run restored at start; no good step was saved "
                              "since)" if last == start_step and start_step else "")
-            batches.close()
-            ckpt.close()
             raise NonFiniteLossError(
                 f"non-finite loss or parameters at step {step}; stopped without saving. The newest checkpoint is "
                 f"step {last} in {ckpt.directory}{restored_note}. Lower optimizer.lr or use dtype=float32 and "
                 "run again to resume from it.")
         lock.check()  # object-store workdirs: the owner record must still be ours
-        ckpt.save(step, state, {"step": step, "data_position": step * cfg_t.batch_size, "best": best,
-                                "config": _config_dict(config)}, force=True)
+        position = start_position + (step - start_step) * cfg_t.batch_size
+        if ckpt.save(step, state, {"step": step, "data_position": position, "config": _config_dict(config)}):
+            record.saved(step)
 
     pending: list[dict] = []
     clock = _TrainClock()
@@ -180,28 +277,25 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
             if stop or step % cfg_t.save_interval == 0 or step == cfg_t.n_steps:
                 clock.pause(state)
                 save(step, state, metrics)
-                if eval_callback is not None and cfg_t.fid_interval and step % cfg_t.fid_interval == 0:
-                    fid = eval_callback(step, state)["fid"]
-                    writer.write_scalars(step, {f"fid_{cfg_t.fid_n_samples}": fid})
-                    if best is None or fid < best["fid"]:
-                        best = {"step": step, "fid": fid}
-                        ckpt.protect_step(step)  # outlives max_to_keep; sample mode picks it by default
-                        if parallel.is_main_process():
-                            files.write_json(RunDir(workdir).best_record, best)
+                if fid_callback is not None and step % cfg_t.fid_interval == 0:
+                    fid = fid_callback(step, state)
+                    record.add(step, fid)
+                    writer.write_scalars(step, {f"fid_{cfg_t.fid_n_samples}": fid["fid"]})
+                    ckpt.protect_step(_step_of(record.best(ckpt.all_steps())))
                 clock.resume()
             if stop:
                 stop_reason = f"Preemption requested: saved step {step}; run the same command again to resume."
                 break
-        ckpt.close()
     except checkpoint.CheckpointSaveError as e:
         batches.close()
+        writer.flush()  # os._exit below skips every finally
         checkpoint.exit_after_save_failure(e, ckpt)
     finally:
         batches.close()
         writer.flush()
     logging.info(stop_reason or f"Training done at step {step}. Checkpoints: {ckpt.directory}; grids: "
-                                f"{grid.run.grids if grid.enabled else '(off: no autoencoder weights)'}; TensorBoard: "
-                                f"tensorboard --logdir {workdir}")
+                                f"{run.grids if grid.enabled else '(off: no autoencoder weights)'}; TensorBoard: "
+                                f"tensorboard --logdir {run.root}")
     return state
 
 
@@ -209,8 +303,8 @@ class _GridWriter:
     """Periodic sample grids from the EMA params (the config's grid sampler), PNGs in WORKDIR/grids/. Latent
     configs decode through the autoencoder; text models draw the first validation captions of sample mode."""
 
-    def __init__(self, config, workdir, info, trainer: Trainer, cond: Conditioning, null_context):
-        self.config, self.run = config, RunDir(workdir)
+    def __init__(self, config, run: RunDir, info, trainer: Trainer, cond: Conditioning, null_context):
+        self.config, self.run = config, run
         self.enabled, self.decode = True, None
         if latent.is_latent(config):
             try:

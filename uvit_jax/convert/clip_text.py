@@ -23,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx, traverse_util
 
+from uvit_jax import console
 from uvit_jax.convert.keys import key_mismatch
 from uvit_jax.convert.pth import load_state_dict
 from uvit_jax.models.clip_text import CLIPTextModel
@@ -54,7 +55,7 @@ def load_hf_state_dict(source) -> dict[str, np.ndarray]:
     if os.path.isdir(path):
         found = [os.path.join(path, n) for n in _HF_FILES if os.path.isfile(os.path.join(path, n))]
         if not found:
-            raise FileNotFoundError(f"{path} holds none of {list(_HF_FILES)}")
+            raise console.MissingFileError(f"{path} holds none of {list(_HF_FILES)}")
         path = found[0]
     if os.path.isfile(path) and _is_safetensors(path):
         return safetensors.numpy.load_file(path)

