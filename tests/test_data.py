@@ -289,16 +289,11 @@ def test_coco_latents_official_format(tmp_path):
             np.save(train / f"{i}_{k}.npy", contexts[i, k])
     empty = rng.standard_normal((77, 768)).astype(np.float32)
     np.save(tmp_path / "empty_context.npy", empty)
-    (tmp_path / "run_vis").mkdir()
-    for i in range(2):
-        _save_pair(tmp_path / "run_vis" / f"{i}.npy", f"prompt {i}", contexts[i, 0])
 
     cfg = {"name": "mscoco_latents", "path": str(tmp_path)}
     assert data.dataset_info(cfg) == {"image_shape": (4, 4, 4), "num_classes": 0, "num_examples": 6,
                                       "moments_shape": (4, 4, 8), "context_shape": (77, 768)}
     np.testing.assert_array_equal(data.load_empty_context(str(tmp_path)), empty)
-    prompts, vis = data.load_vis_prompts(str(tmp_path))
-    assert prompts == ["prompt 0", "prompt 1"] and vis.shape == (2, 77, 768)
 
     batches = _take(data.make_train_batches(cfg, global_batch_size=6, seed=2, process_index=0, process_count=1), 20)
     again = _take(data.make_train_batches(cfg, global_batch_size=6, seed=2, start_step=19, process_index=0,

@@ -626,10 +626,8 @@ def test_pickled_payload_in_a_feature_dir_is_refused_and_not_run(tmp_path):
     _save_pair(features / "0.npy", _WritesMarker(marker), 3)
     with pytest.raises(ValueError, match=r"features/0.npy: refusing to unpickle io.open"):
         data.latents.ImageNetLatents(str(features))
-    (tmp_path / "run_vis").mkdir()
-    _save_pair(tmp_path / "run_vis" / "0.npy", "a prompt", _WritesMarker(marker))
-    with pytest.raises(ValueError, match=r"run_vis/0.npy: refusing to unpickle io.open"):
-        data.load_vis_prompts(str(tmp_path))
+    hostile = tmp_path / "hostile.npy"
+    _save_pair(hostile, _WritesMarker(marker), 3)
     assert not marker.exists()
     # The official format still loads, and a pickle of the wrong shape is a clear error.
     _save_pair(features / "0.npy", np.ones((8, 2, 2), np.float32), np.int64(7))
@@ -639,7 +637,7 @@ def test_pickled_payload_in_a_feature_dir_is_refused_and_not_run(tmp_path):
     with pytest.raises(ValueError, match=r"0.npy: expected a pickled pair \(moments, label\)"):
         data.latents.ImageNetLatents(str(features))
     # The fixture is live: NumPy's own loader with allow_pickle=True runs it.
-    np.load(tmp_path / "run_vis" / "0.npy", allow_pickle=True)
+    np.load(hostile, allow_pickle=True)
     assert marker.exists()
 
 

@@ -55,10 +55,6 @@ class Conditioning:
         """The CFG null class index (= the number of real classes), or None where the model has none."""
         return self.real_classes if self.kind == "class" and self.cfg_trained else None
 
-    @property
-    def supports_guidance(self) -> bool:
-        return self.kind == "text" or self.null_label is not None
-
     def null_condition(self, null_context: np.ndarray | None = None):
         """The "unconditional" input of classifier-free guidance (a label, or the empty-text context)."""
         if self.kind == "text":

@@ -25,7 +25,7 @@ Batches (numpy, this process's rows of the global batch):
 from uvit_jax.data.datasets import (KNOWN_DATASETS, PIXEL_DATASETS, CorruptFeaturesError, DatasetNotPreparedError,
                                     PixelSource, class_count)
 from uvit_jax.data.digits import UvitDigits, load_mnist_5k, prepare_digits
-from uvit_jax.data.latents import CocoLatents, ImageNetLatents, load_empty_context, load_vis_prompts
+from uvit_jax.data.latents import CocoLatents, ImageNetLatents, load_empty_context
 from uvit_jax.data.pipeline import (BatchIterator, EpochShuffle, dataset_info, make_eval_batches, make_train_batches,
                                     open_source)
 from uvit_jax.data.text_conditions import TextConditions
@@ -35,6 +35,6 @@ __all__ = [
     "KNOWN_DATASETS", "PIXEL_DATASETS", "LATENT_DATASETS", "class_count", "CorruptFeaturesError",
     "DatasetNotPreparedError", "PixelSource",
     "UvitDigits", "load_mnist_5k",
-    "prepare_digits", "CocoLatents", "ImageNetLatents", "load_empty_context", "load_vis_prompts", "BatchIterator",
+    "prepare_digits", "CocoLatents", "ImageNetLatents", "load_empty_context", "BatchIterator",
     "EpochShuffle", "dataset_info", "make_eval_batches", "make_train_batches", "open_source", "TextConditions",
 ]

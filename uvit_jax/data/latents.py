@@ -6,7 +6,7 @@ pair (moments float32 (8, h, w), label); N = 2 x 1,281,167 (every image and its 
 MS-COCO (`scripts/extract_mscoco_feature.py`, `extract_empty_feature.py`, `extract_test_prompt_feature.py`): a root
 holding `train/` and `val/` with `{idx}.npy` = moments (8, 32, 32) and `{idx}_{k}.npy` = CLIP ViT-L/14
 last_hidden_state (77, 768) of caption k; `empty_context.npy` (77, 768), the null context for classifier-free
-guidance; `run_vis/{i}.npy` = pickled (prompt, context) for sample grids.
+guidance (the official `run_vis/` prompts are not read: training grids draw validation captions).
 
 Sources yield "moments" (NHWC, 8 channels = [mean | logvar]); the posterior sample
 z = scale * (mean + exp(0.5 * clip(logvar, -30, 20)) * n) is drawn on device by the train step.
@@ -215,13 +215,3 @@ def load_empty_context(path: str) -> np.ndarray:
     if not os.path.exists(file):
         raise _missing("MS-COCO empty context", file, "scripts/extract_empty_feature.py")
     return load_npy(file).astype(np.float32)
-
-
-def load_vis_prompts(path: str) -> tuple[list[str], np.ndarray]:
-    """The fixed visualisation prompts `<path>/run_vis/{i}.npy` -> (prompts, contexts (n, 77, 768) float32)."""
-    directory = os.path.join(path or "", "run_vis")
-    if not os.path.isdir(directory):
-        raise _missing("MS-COCO visualisation prompt", directory, "scripts/extract_test_prompt_feature.py")
-    names = sorted((f for f in os.listdir(directory) if f.endswith(".npy")), key=lambda f: int(f.split(".")[0]))
-    pairs = [_pair(os.path.join(directory, f), str, "(prompt, context)") for f in names]
-    return [str(p) for p, _ in pairs], np.stack([np.asarray(c, np.float32) for _, c in pairs])
