@@ -184,7 +184,7 @@ def test_restore_ema_params_reads_only_the_ema_subtree_and_creates_nothing(tmp_p
     _assert_tree_equal(ema, states[6]["ema_params"])
     _assert_shardings(ema, abstract)
     _assert_tree_equal(ema3, states[3]["ema_params"])
-    with pytest.raises(NoCheckpointError, match=r"no checkpoint for step 5 in .*ckpt; saved steps: \[3, 6\]"):
+    with pytest.raises(NoCheckpointError, match=r"no checkpoint for step 5 in .*ckpt; saved steps: 3, 6"):
         restore_ema_params(tmp_path / "ckpt", abstract, step=5)
     wrong = dict(abstract, emb=jax.ShapeDtypeStruct((5, 3), jnp.bfloat16, sharding=NamedSharding(mesh4, P())))
     with pytest.raises(CheckpointMismatchError, match=r"emb: checkpoint shape \(3, 5\) != target \(5, 3\)"):
