@@ -40,6 +40,7 @@ from flax import nnx
 from uvit_jax import models, parallel, rng, tpu_env
 from uvit_jax.benchmark import flops, make_trainer, memory, synthetic_batch
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.rundir import RunDir
 
 LIBTPU_HELP = ('--benchmark_topology needs libtpu (the TPU compiler; Linux x86_64/aarch64): pip install '
                f'"jax[tpu]=={jax.__version__}"')
@@ -331,7 +332,7 @@ def run(config, workdir: str, topology: str, slices: int = 1) -> dict:
         "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     }
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "benchmark.json"), "w") as f:
+    with open(RunDir(workdir).benchmark, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
     logging.info("tpu plan: %s", result)
