@@ -16,6 +16,7 @@ initialises jax.distributed first; a single process needs nothing.
 import ast
 import errno
 import os
+import sys
 import traceback
 
 from uvit_jax import host_malloc, tpu_env
@@ -149,14 +150,38 @@ def main(argv):
                      jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
         _run_mode(mode, config, workdir)
     except errors as e:
-        console.user_error(str(e).replace("\n", " "))
+        _stop(str(e), 2)
     except _failures() as e:  # the run stopped on something the user can fix; finished work is kept
-        console.user_error(str(e).replace("\n", " "), code=1)
+        _stop(str(e), 1)
     except OSError as e:
         if e.errno not in _STORAGE_ERRNOS:
+            _stop_multi_process()
             raise
-        console.user_error(f"{e.filename or 'a file'}: {e.strerror} ({errno.errorcode[e.errno]}); free space or fix "
-                           "the permissions, then run the same command again (finished work is kept)", code=1)
+        _stop(f"{e.filename or 'a file'}: {e.strerror} ({errno.errorcode[e.errno]}); free space or fix the "
+              "permissions, then run the same command again (finished work is kept)", 1)
+    except Exception:
+        _stop_multi_process()
+        raise
+
+
+def _stop(message: str, code: int) -> "NoReturn":  # noqa: F821
+    """One `error:` line and exit. In a multi-process run every process meets its own line at the same agreement
+    point (uvit_jax/agreement.py) and leaves at once: JAX's shutdown barrier would wait for those already gone."""
+    from uvit_jax import console
+    import jax
+    if jax.distributed.is_initialized():
+        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        os._exit(code)
+    console.user_error(message.replace("\n", " "), code)
+
+
+def _stop_multi_process() -> None:
+    """An unexpected error in a multi-process run: its traceback, then exit at once (see `_stop`)."""
+    import jax
+    if jax.distributed.is_initialized():
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _run_mode(mode, config, workdir):
@@ -235,8 +260,9 @@ _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 def _failures() -> tuple:
     """Exceptions that end a run that went wrong (not a usage mistake): one line, exit code 1."""
+    from uvit_jax.agreement import PeerFailedError
     from uvit_jax.train import NonFiniteLossError
-    return (NonFiniteLossError,)
+    return (NonFiniteLossError, PeerFailedError)
 
 
 def _user_errors() -> tuple:

@@ -1,4 +1,5 @@
-"""Two jax.distributed processes (4 CPU devices each) train to the same params as one process with 8 devices."""
+"""Two jax.distributed processes (4 CPU devices each) train to the same params as one process with 8 devices; an error
+on one process stops both, each saying why."""
 import os
 import socket
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from uvit_jax import train
 from helpers import tiny_config
@@ -37,3 +39,31 @@ def test_two_processes_equal_one_process(digits_dir, tmp_path):
     assert set(multi.files) == set(flat)
     for k, v in flat.items():
         np.testing.assert_allclose(multi[k], v, atol=1e-6, rtol=0, err_msg=k)
+
+
+@pytest.mark.parametrize("fault,failing,why", [
+    ("lock", 0, "was removed or taken over"),
+    ("save", 0, "disk full (ENOSPC)"),
+    ("data", 1, "train-00003.npy is truncated"),
+])
+def test_an_error_on_one_process_stops_every_process_saying_why(digits_dir, tmp_path, fault, failing, why):
+    """A lock lost on process 0, a save failure on process 0, a dataset error on process 1: before, the others
+    waited in the next collective (until JAX's heartbeat timeout killed them, naming nothing). Each process must
+    exit non-zero (a hang fails through the subprocess timeout) and say why."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_fault_worker.py"), fault, str(port),
+                               str(i), digits_dir, str(tmp_path / "w")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]  # start-up and compiling dominate
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode not in (0, None), log[-3000:]
+        assert why in log, log[-3000:]
+        if i != failing:
+            assert f"process {failing} of 2 stopped at" in log, log[-3000:]

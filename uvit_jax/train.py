@@ -20,7 +20,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
+from uvit_jax import (agreement, checkpoint, console, data, files, generate, images, latent, models, parallel,
+                      preemption, rng)
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.rundir import BestRecord, RunDir
 from uvit_jax.train_step import State, Trainer, flops_per_image, make_apply, peak_flops_per_device
@@ -79,13 +80,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     stopped in between) gets it when the next run starts.
     `mesh` defaults to all devices; any mesh works for resuming, whatever the mesh the checkpoint was saved on.
     """
-    info = data.dataset_info(config.dataset)  # a missing dataset stops here, before anything is written
+    faults = agreement.Faults()  # an error on one process stops all of them at the next agreement point
+    with faults.catch():
+        info = data.dataset_info(config.dataset)  # a missing dataset stops here, before anything is written
+    faults.agree("opening the dataset")
     # One writer per workdir (process 0 holds the lock for all processes of the run).
-    with WorkdirLock(workdir) as lock, preemption.stop_guard():
-        return _train(config, workdir, info, lock, eval_callback, mesh)
+    lock = WorkdirLock(workdir)
+    with faults.catch():
+        lock.acquire()
+    faults.agree("taking the workdir lock")
+    try:
+        with preemption.stop_guard():
+            return _train(config, workdir, info, lock, faults, eval_callback, mesh)
+    finally:
+        lock.release()
 
 
-def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> State:
+def _train(config, workdir, info, lock: WorkdirLock, faults: agreement.Faults, eval_callback, mesh) -> State:
     cfg_t = config.train
     run = RunDir(workdir)
     cond = Conditioning.from_config(config)
@@ -115,8 +126,8 @@ def _train(config, workdir, info, lock: WorkdirLock, eval_callback, mesh) -> Sta
             return state
         if parallel.is_main_process():
             _record_config(run, config, metadata.get("config"), start_step)
-        return _loop(config, run, info, lock, eval_callback if fid_due else None, trainer, cond, null_context,
-                     ckpt, record, state, start_step, start_position)
+        return _loop(config, run, info, lock, faults, eval_callback if fid_due else None, trainer, cond,
+                     null_context, ckpt, record, state, start_step, start_position)
 
 
 def _step_of(best: dict | None) -> int | None:
@@ -198,8 +209,8 @@ def config_differences(saved: Mapping, current: Any,
     return out
 
 
-def _loop(config, run: RunDir, info, lock: WorkdirLock, fid_callback, trainer: Trainer, cond, null_context,
-          ckpt: checkpoint.Checkpointer, record: BestRecord, state: State, start_step: int,
+def _loop(config, run: RunDir, info, lock: WorkdirLock, faults: agreement.Faults, fid_callback, trainer: Trainer,
+          cond, null_context, ckpt: checkpoint.Checkpointer, record: BestRecord, state: State, start_step: int,
           start_position: int) -> State:
     cfg_t = config.train
     n_params = models.count_params(dict(config.nnet))
@@ -232,7 +243,9 @@ def _loop(config, run: RunDir, info, lock: WorkdirLock, fid_callback, trainer: T
                 f"non-finite loss or parameters at step {step}; stopped without saving. The newest checkpoint is "
                 f"step {last} in {ckpt.directory}{restored_note}. Lower optimizer.lr or use dtype=float32 and "
                 "run again to resume from it.")
-        lock.check()  # object-store workdirs: the owner record must still be ours
+        with faults.catch():
+            lock.check()  # process 0: the lock (or the object store's owner record) must still be ours
+        faults.agree(f"the save of step {step}")
         position = start_position + (step - start_step) * cfg_t.batch_size
         if ckpt.save(step, state, {"step": step, "data_position": position, "config": _config_dict(config)}):
             record.saved(step)
@@ -240,18 +253,27 @@ def _loop(config, run: RunDir, info, lock: WorkdirLock, fid_callback, trainer: T
     pending: list[dict] = []
     clock = _TrainClock()
     last_log = (start_step, 0.0)
-    step, stop_reason, metrics = start_step, None, None
+    step, stop_reason, metrics, host_batch = start_step, None, None, None
     try:
         while step < cfg_t.n_steps:
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = trainer.to_global(next(batches))
+                # Each process reads its own share: one that fails steps on with its previous batch until the
+                # next agreement point (a log step or a save; that state is never saved), where every process stops.
+                if not faults.failed:
+                    with faults.catch():
+                        host_batch = next(batches)
+                if step == start_step:
+                    faults.agree("reading the first batch")
+                batch = trainer.to_global(host_batch)
                 state, metrics = trainer.step_fn(state, batch)
             step += 1
             pending.append(metrics)
-            ckpt.check_health()  # a failed background save stops the run now, not at the next interval
+            with faults.catch():
+                ckpt.check_health()  # a failed background save stops the run now, not at the next interval
             for hook in hooks:
                 hook(step)
             if step % cfg_t.log_interval == 0 or step == cfg_t.n_steps:
+                faults.agree(f"step {step}")
                 host = jax.device_get(pending)  # metrics leave the device only here
                 pending = []
                 train_s = clock.read()

@@ -294,9 +294,10 @@ class WorkdirLock:
             raise RuntimeError(f"WorkdirLock on {self.workdir} is not held")
         for path, ours, record in self._ownership():
             if not ours:
+                now = f"now held by {_describe(record)}" if record or os.path.lexists(path) else "the file is gone"
                 raise WorkdirLockedError(
-                    f"workdir {self.workdir}: this run's lock {path} was removed or taken over (now held by "
-                    f"{_describe(record)}); stopping so that two runs do not write the same checkpoints")
+                    f"workdir {self.workdir}: this run's lock {path} was removed or taken over ({now}); stopping so "
+                    "that two runs do not write the same checkpoints")
 
     def _ownership(self):
         if self.method == "record":
