@@ -199,11 +199,18 @@ def saved_steps(workdir):
     return sorted(int(x) for x in os.listdir(d) if x.isdigit())
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_dir, tmp_path):
+def _force_infinite_lr(config, monkeypatch):
+    """optimizer.lr = inf, which config.validate refuses, forced through: the next update makes every param
+    non-finite, as a diverging run would."""
+    monkeypatch.setattr(train_step, "validate", lambda *args, **kwargs: None)
+    config.optimizer.lr = float("inf")
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_dir, tmp_path, monkeypatch):
     config = tiny_config(digits_dir, n_steps=4, save_interval=2, log_interval=2)
     train.train_and_evaluate(config, str(tmp_path))  # a good checkpoint at 2 and 4
     config = tiny_config(digits_dir, n_steps=8, save_interval=2, log_interval=2)
-    config.optimizer.lr = float("inf")  # the next update makes every param non-finite
+    _force_infinite_lr(config, monkeypatch)
     with pytest.raises(train.NonFiniteLossError, match="newest checkpoint is step 4 .*restored at start"):
         train.train_and_evaluate(config, str(tmp_path))
     assert saved_steps(str(tmp_path)) == [2, 4]
@@ -213,7 +220,7 @@ def test_nan_just_before_preemption_is_never_saved(digits_dir, tmp_path, monkeyp
     """A NaN step followed by SIGTERM: the preemption save refuses the NaN state; step 4 stays the newest."""
     train.train_and_evaluate(tiny_config(digits_dir, n_steps=4, save_interval=2), str(tmp_path))
     config = tiny_config(digits_dir, n_steps=8, save_interval=100, log_interval=100)
-    config.optimizer.lr = float("inf")
+    _force_infinite_lr(config, monkeypatch)
     sigterm_after_step(monkeypatch, 5)
     try:
         with pytest.raises(train.NonFiniteLossError, match="non-finite loss or parameters at step 5.*step 4"):
