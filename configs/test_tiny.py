@@ -27,6 +27,6 @@ def get_config():
     c.sample.cfg = True
     c.sample.scale = 1.0
     c.sample.n_samples = 24
-    c.sample.mini_batch_size = 16
+    c.sample.mini_batch_size = 2  # per device: 16 on the 8 test devices
     c.eval.batch_size = 16
     return c

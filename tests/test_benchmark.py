@@ -107,7 +107,7 @@ def test_sampler_with_fsdp_sharded_params_equals_replicated():
     import numpy as np
 
     from uvit_jax import generate, models, parallel
-    from uvit_jax.sample import image_shape
+    from uvit_jax.generate import image_shape
     from uvit_jax.train_step import make_apply
     config = importlib.import_module("configs.test_tiny").get_config()
     config.nnet.embed_dim, config.nnet.num_heads = 256, 4  # kernels large enough to be sharded

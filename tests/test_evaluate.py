@@ -185,7 +185,8 @@ def test_evaluate_samples_end_to_end(tmp_path, feature_fn):
     ref = evaluate.compute_feature_stats([real[:40], real[40:]], feature_fn)
     evaluate.save_reference_stats(ref, str(tmp_path / "ref.npz"))
     same = evaluate.evaluate_samples(paths, str(tmp_path / "ref.npz"), feature_fn, batch_size=16)
-    assert set(same) == {"fid", "sfid", "is", "is_std", "precision", "recall", "n_samples"}
+    assert set(same) == {"fid", "sfid", "is", "is_std", "precision", "recall", "n_samples", "skipped"}
+    assert same["skipped"] == {}
     assert same["n_samples"] == 64 and abs(same["fid"]) < 1e-3 and abs(same["sfid"]) < 1e-3
     assert same["precision"] == 1.0 and same["recall"] == 1.0
     direct = evaluate.inception_score(evaluate.compute_feature_stats([real], feature_fn)["logits"])[0]
@@ -211,7 +212,8 @@ def test_load_reference_stats_layouts(tmp_path, feature_fn):
     np.testing.assert_allclose(full["pool_features"], adm["pool_features"], rtol=1e-5, atol=1e-6)
     evaluate.save_reference_stats(adm, str(tmp_path / "ours.npz"), max_pool_features=12)
     ours = evaluate.load_reference_stats(str(tmp_path / "ours.npz"))
-    assert set(ours) == {"mu", "sigma", "mu_s", "sigma_s", "pool_features"}
+    assert set(ours) == {"mu", "sigma", "mu_s", "sigma_s", "pool_features", "image_size"}
+    assert tuple(ours["image_size"]) == (12, 12) and tuple(full["image_size"]) == (12, 12)
     np.testing.assert_array_equal(ours["pool_features"], adm["pool_features"][:12])
     np.savez(tmp_path / "images_only.npz", arr_0=images)
     with pytest.raises(ValueError, match="pass feature_fn"):

@@ -194,14 +194,19 @@ def test_outputs_and_sfid_layer_small_input(model):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_feature_fn_is_pytorch_fid_preprocessing_then_the_network(model):
+def test_feature_fn_is_pytorch_fid_preprocessing_then_the_network_on_every_device(model):
     """feature_fn(uint8 images of any size) is the network on pytorch-fid's 299x299 input: pool3 features, the
-    1008-way logits without the fc bias (for IS) and the sFID features."""
+    1008-way logits without the fc bias (for IS) and the sFID features; its batch is split over the 8 test devices
+    (3 images padded to 8) and gives what one device gives (before: one device per host)."""
     fn = evaluate.inception_feature_fn(model)
-    images = np.random.default_rng(5).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    images = np.random.default_rng(5).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     out = fn(images)
-    assert out["pool"].shape == (1, 2048) and out["logits"].shape == (1, 1008) and out["spatial"].shape == (1, 2023)
+    assert out["pool"].shape == (3, 2048) and out["logits"].shape == (3, 1008) and out["spatial"].shape == (3, 2023)
+    assert len(out["pool"].sharding.device_set) == 8
     ref = jax.jit(lambda x: model(inception.preprocess(x)))(jnp.asarray(images))
     assert float(jnp.std(ref["pool"])) > 0.01  # the random network did not collapse: the comparison means something
     for key, ref_key in (("pool", "pool"), ("logits", "logits_unbiased"), ("spatial", "spatial")):
         np.testing.assert_allclose(out[key], ref[ref_key], rtol=1e-4, atol=1e-4, err_msg=key)  # two jits: fp32 sums
+    single = evaluate.inception_feature_fn(model, devices=jax.devices()[:1])(images)
+    for k in out:  # float32 through 94 convolutions on other per-device batch sizes: rounding only
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(single[k]), rtol=1e-4, atol=1e-4)

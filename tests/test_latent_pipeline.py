@@ -55,7 +55,7 @@ def get_config():
     c.sample.grid_steps = 2
     c.sample.sample_steps = 2
     c.sample.n_samples = 10
-    c.sample.mini_batch_size = 8
+    c.sample.mini_batch_size = 1  # per device: 8 on the 8 test devices
     c.eval.batch_size = 8
     c.eval.ref_stats = {ref_stats!r}
     if text:

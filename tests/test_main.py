@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from helpers import ROOT, tiny_config
-from uvit_jax import convert, parallel, sample, train
+from uvit_jax import convert, generate, parallel, sample, train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -171,11 +171,11 @@ def test_label_distributions(digits_dir, tmp_path):
     the given probabilities."""
     config = tiny_config(digits_dir)
     config.sample.label_distribution = "dataset"
-    probs = sample.label_probabilities(config, str(tmp_path), 10)
+    probs = generate.label_probabilities(config, str(tmp_path), 10)
     np.testing.assert_allclose(probs, np.full(10, 0.1))  # the bundled digits: 500 of each
     assert os.path.exists(tmp_path / "eval" / "class_frequencies_uvit_digits.npy")
     skewed = np.array([0.7, 0.3] + [0.0] * 8)
-    labels = np.asarray(sample.sample_labels(jax.random.key(0), 4000, skewed))
+    labels = np.asarray(generate.sample_labels(jax.random.key(0), 4000, skewed))
     assert set(np.unique(labels)) == {0, 1} and abs((labels == 0).mean() - 0.7) < 0.03
 
 

@@ -119,7 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.dtype = "float32"
     c.sample.sample_steps = 50
     c.sample.n_samples = 50_000
-    c.sample.mini_batch_size = 500  # global batch per sampling call
+    # Images per device per sampling call (sample mode, FID, grids, prompts), as the official sample2dir's
+    # mini_batch_size is per process (one GPU each): a call draws mini_batch_size x device count images, or fewer
+    # when fewer are asked for (then padded only to the device count).
+    c.sample.mini_batch_size = 500
     c.sample.cfg = False
     c.sample.scale = 0.0  # eps = (1 + s) eps_c - s eps_u
     # DPM-Solver details (the official runs: "fast" for vp, "fast_grid" for discrete; see configs).
@@ -128,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.skip_type = "logSNR"
     c.sample.thresholding = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel space; off officially)
     c.sample.path = config_dict.placeholder(str)  # where sample mode writes; default WORKDIR/samples
+    # A samples dir holding samples of other settings (checkpoint, seed, n_samples, batch, sampler) is refused;
+    # True sets it aside as PATH.old-<n> and starts again.
+    c.sample.restart = False
     # Sample from a converted official checkpoint (main.py --mode convert writes WORKDIR/converted) instead of the
     # EMA params of WORKDIR's newest checkpoint.
     c.sample.params_dir = config_dict.placeholder(str)
@@ -139,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
     # frequencies, as the official ImageNet-64 evaluation draws them).
     c.sample.label_distribution = "uniform"
     c.sample.grid_steps = 25  # few-step DPM-Solver for the training-time grids
-    c.sample.grid_size = 64
+    c.sample.grid_size = 64  # images in the training grids and in sample mode's grid.png
     # Text-to-image: a file of prompts (one a line) -> one image per prompt + a captioned grid, instead of the
     # n_samples validation-caption samples.
     c.sample.prompts = config_dict.placeholder(str)

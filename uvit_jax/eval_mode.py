@@ -8,7 +8,6 @@ as the official training scripts do (docs/official_behaviour.md §4).
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import time
 
@@ -16,11 +15,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from uvit_jax import console, data, diffusion, evaluate, files, generate, images, latent, parallel, rng
+from uvit_jax import console, data, evaluate, files, generate, latent, parallel, rng, sample
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.rundir import RunDir
-from uvit_jax.sample import label_probabilities, sample_files, sample_labels
-from uvit_jax.train_step import make_apply
 
 INCEPTION_HELP = ("set --config.eval.inception_path=PATH to pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                   "(the TF-FID Inception weights, from the pytorch-fid GitHub releases; read without PyTorch, "
@@ -91,26 +88,55 @@ def reference_stats(config, workdir: str, feature_fn) -> tuple[dict, str]:
     return stats, cache
 
 
+def _recorded_samples(sample_dir: str) -> tuple[list[str], int]:
+    """(the files of a finished sample run, their image count), from its record alone: nothing is read but the
+    record and the files' sizes. One-line errors for a missing, unfinished or damaged run."""
+    record = sample.read_record(sample_dir)
+    if record is None:
+        raise console.MissingFileError(f"no samples in {sample_dir} (no {sample.RECORD}): run --mode sample first")
+    paths = sample.sample_files(sample_dir)
+    for path in paths:
+        written = record["files"][os.path.basename(path)]["bytes"]
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != written:
+            raise evaluate.SampleFileError(
+                f"{path} is {'missing' if size is None else f'{size} bytes'}, written as {written}: run --mode "
+                "sample again to regenerate it")
+    n = sum(entry["images"] for entry in record["files"].values())
+    wanted = record["settings"]["n_samples"]
+    if n != wanted:
+        raise sample.SampleRecordError(f"{sample_dir} holds {n} of its {wanted} samples: run --mode sample again to "
+                                       "finish it")
+    return paths, n
+
+
+def expected_image_size(config) -> tuple[int, int]:
+    """The (H, W) of the images the config generates (decoded for latent configs)."""
+    side = int(config.nnet.img_size) * (latent.downsampling(config) if latent.is_latent(config) else 1)
+    return side, side
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
-    """Eval mode: metrics of WORKDIR's samples against the reference; logged and written to WORKDIR/eval/."""
+    """Eval mode: metrics of WORKDIR's samples against the reference (what it allows: FID and IS always, sFID
+    and precision/recall when it holds spatial statistics / images); logged and written to WORKDIR/eval/."""
     feature_fn = make_feature_fn(config)  # first: a missing feature network is the first thing to fix
     sample_dir = config.sample.path or RunDir(workdir).samples
-    paths = sample_files(sample_dir)
-    if not paths:
-        raise console.MissingFileError(f"no samples in {sample_dir}: run --mode sample first")
+    paths, n = _recorded_samples(sample_dir)
     ref, ref_source = reference_stats(config, workdir, feature_fn)
+    with np.load(paths[0]) as f:
+        evaluate.check_image_size(f["images"].shape[1:3], ref, expected_image_size(config), paths[0])
     metrics = evaluate.evaluate_samples(paths, ref, feature_fn, batch_size=config.eval.batch_size,
-                                        pr_k=config.eval.pr_k)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    metrics["n_samples"] = int(sum(np.load(f)["images"].shape[0] for f in paths))
-    metrics["reference"] = ref_source
-    metrics["samples"] = sample_dir
+                                        pr_k=config.eval.pr_k, max_samples=n)
+    metrics.update(reference=ref_source, samples=sample_dir)
     if parallel.is_main_process():
         path = RunDir(workdir).metrics(time.strftime("%Y%m%d-%H%M%S"))
         files.write_json(path, metrics)
-        logging.info("FID %.3f  sFID %.3f  IS %.2f  precision %.3f  recall %.3f  (%d samples vs %s); wrote %s",
-                     metrics["fid"], metrics["sfid"], metrics["is"], metrics["precision"], metrics["recall"],
-                     metrics["n_samples"], ref_source, path)
+        names = {"fid": "FID %.3f", "sfid": "sFID %.3f", "is": "IS %.2f", "is_std": "(± %.2f)",
+                 "precision": "precision %.3f", "recall": "recall %.3f"}
+        shown = "  ".join(fmt % metrics[k] for k, fmt in names.items() if k in metrics)
+        logging.info("%s  (%d samples vs %s); wrote %s", shown, n, ref_source, path)
+        for what, why in metrics["skipped"].items():
+            logging.info("%s not computed: %s", what, why)
     return metrics
 
 
@@ -123,17 +149,7 @@ def training_fid_sampler(config) -> dict:
     else:
         s = dict(algorithm="dpm_solver_pp", method="fast_grid", skip_type="time_uniform")
     text = config.nnet.name == "uvit_t2i"
-    return dict(s, steps=50, order=3, scale=float(config.sample.scale) if text else 0.0)
-
-
-def training_fid_generate(config, image_shape: tuple[int, ...], mesh, null_context=None):
-    """`generate(params, key, cond, batch_size)` of `training_fid_sampler` (make_generate_fn; jit it over `mesh`)."""
-    sampler = training_fid_sampler(config)
-    return generate.make_generate_fn(
-        make_apply(config, mesh=mesh), diffusion.make_schedule(config.schedule), algorithm=sampler["algorithm"],
-        steps=sampler["steps"], image_shape=image_shape, method=sampler["method"], order=sampler["order"],
-        skip_type=sampler["skip_type"], scale=sampler["scale"],
-        null_cond=Conditioning.from_config(config).null_condition(null_context) if sampler["scale"] > 0 else None)
+    return dict(s, steps=50, order=3, thresholding=False, scale=float(config.sample.scale) if text else 0.0)
 
 
 def make_training_fid_callback(config, workdir: str):
@@ -142,40 +158,26 @@ def make_training_fid_callback(config, workdir: str):
     and keeps the best step)."""
     feature_fn = make_feature_fn(config)
     ref, _ = reference_stats(config, workdir, feature_fn)
-    info = data.dataset_info(config.dataset)
     cond = Conditioning.from_config(config)
-    sampler = training_fid_sampler(config)
-    batch = parallel.padded_size(config.sample.mini_batch_size)
-    mesh = parallel.make_mesh(config.mesh.fsdp)
-    decode = latent.make_decoder(config, mesh) if latent.is_latent(config) else None
-    texts = data.TextConditions(config, "val") if cond.kind == "text" else None
-    null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
-    fn = training_fid_generate(config, info["image_shape"], mesh, null_context)
-    gen = generate.jit_generate(fn, batch, mesh)
+    settings = training_fid_sampler(config)
     n = int(config.train.fid_n_samples)
-    label_probs = label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class" else None
+    label_probs = (generate.label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class"
+                   else None)
+    sampler = generate.Sampler(config, parallel.make_mesh(config.mesh.fsdp), generate.batch_size(config, n),
+                               settings=settings, label_probs=label_probs)
 
     def callback(step: int, state) -> dict:
         start = time.time()
-
-        def batches():
-            for i in range(math.ceil(n / batch)):
-                c = None
-                if cond.kind == "class":
-                    c = sample_labels(rng.stream_key(config.seed, rng.LABELS, step, i), batch, label_probs)
-                elif texts is not None:  # validation captions, as train_t2i_discrete.py's FID
-                    c = latent.host_to_global(texts.batch(i, batch)["context"], mesh)
-                x = gen(state["ema_params"], rng.stream_key(config.seed, rng.FID, step, i), c)
-                x = parallel.gather_to_host(decode(x) if decode else x)
-                yield images.to_uint8(x[: min(batch, n - i * batch)])
-
-        stats = evaluate.compute_feature_stats(batches(), feature_fn,
+        # validation captions for text models, as train_t2i_discrete.py's FID
+        draws = sampler.batches(state["ema_params"], n, lambda i: rng.stream_key(config.seed, rng.FID, step, i),
+                                label_key=lambda i: rng.stream_key(config.seed, rng.LABELS, step, i))
+        stats = evaluate.compute_feature_stats((x for _, x, _ in draws), feature_fn,
                                                progress=console.Progress(f"step {step}: FID-{n} samples", n))
         fid = float(evaluate.frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]))
-        record = {"step": int(step), "fid": fid, "n_samples": n, "sampler": sampler,
+        record = {"step": int(step), "fid": fid, "n_samples": n, "sampler": settings,
                   "seconds": round(time.time() - start, 2)}
-        logging.info("step %d: FID-%d %.3f (%s %d steps, %.0f s)", step, n, fid, sampler["algorithm"],
-                     sampler["steps"], record["seconds"])
+        logging.info("step %d: FID-%d %.3f (%s %d steps, %.0f s)", step, n, fid, settings["algorithm"],
+                     settings["steps"], record["seconds"])
         return record
 
     return callback

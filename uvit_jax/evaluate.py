@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -279,11 +280,12 @@ def compute_feature_stats(batches: Iterable, feature_fn: FeatureFn, *,
     accumulation, overlapping the two.
 
     Returns {"n", "mu", "sigma", "mu_s", "sigma_s" (float64), "logits" (n, 1008) float32 for IS,
-    "pool_features" (min(n, max_pool_features), 2048) float32: the first rows, for precision/recall}.
+    "pool_features" (min(n, max_pool_features), 2048) float32: the first rows, for precision/recall,
+    "image_size" (H, W) of the images}.
     With gather_processes=True the sums of all JAX processes are combined (each process streams its own rows).
     `progress` is told the number of images consumed after each batch.
     """
-    pool = spatial = None
+    pool = spatial = image_size = None
     logits, kept = [], []
     n_kept = 0
     cap = np.inf if max_pool_features is None else max_pool_features
@@ -309,6 +311,7 @@ def compute_feature_stats(batches: Iterable, feature_fn: FeatureFn, *,
     for item in batches:
         images, mask = _unpack(item)
         images = to_uint8_rgb(images)
+        image_size = images.shape[1:3]
         b = len(images)
         mask = np.ones(b, bool) if mask is None else np.asarray(mask, bool).reshape(b)
         first_size = first_size or b
@@ -327,7 +330,8 @@ def compute_feature_stats(batches: Iterable, feature_fn: FeatureFn, *,
     mu, sigma = pool.result()
     mu_s, sigma_s = spatial.result()
     return {"n": pool.n, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
-            "logits": np.concatenate(logits), "pool_features": np.concatenate(kept)}
+            "logits": np.concatenate(logits), "pool_features": np.concatenate(kept),
+            "image_size": np.asarray(image_size, np.int64)}
 
 
 def _gather_over_processes(pool, spatial, logits, kept, cap):
@@ -358,6 +362,10 @@ def _gather_over_processes(pool, spatial, logits, kept, cap):
             [all_kept[: int(min(cap, len(all_kept)))]])
 
 
+class SampleFileError(console.UserError, ValueError):
+    """A sample file that cannot be read as samples: the message names it and what to do."""
+
+
 def iter_npz_batches(paths: Sequence[str], batch_size: int, *, key: str = "images",
                      max_samples: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images, mask) batches of exactly `batch_size` rows over the arrays `key` of .npz files, in order.
@@ -368,10 +376,16 @@ def iter_npz_batches(paths: Sequence[str], batch_size: int, *, key: str = "image
         raise ValueError("iter_npz_batches: no sample files given")
     buf, n_buf, seen = [], 0, 0
     for path in paths:
-        with np.load(path) as f:
-            if key not in f.files:
-                raise ValueError(f"{path}: no '{key}' array (found {f.files})")
-            arr = f[key]
+        try:
+            with np.load(path) as f:
+                if key not in f.files:
+                    raise SampleFileError(f"{path}: no '{key}' array (found {f.files})")
+                arr = f[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            if isinstance(e, SampleFileError):
+                raise
+            raise SampleFileError(f"{path} is unreadable ({type(e).__name__}: {e}): delete it and run --mode "
+                                  "sample again to regenerate it") from e
         if max_samples is not None:
             arr = arr[: max(0, max_samples - seen)]
         seen += len(arr)
@@ -392,11 +406,12 @@ def iter_npz_batches(paths: Sequence[str], batch_size: int, *, key: str = "image
 # ----------------------------------------------------------------------------------------------------------------
 # Reference statistics
 # ----------------------------------------------------------------------------------------------------------------
-_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features")
+_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features", "image_size")
 
 
 def save_reference_stats(stats: Mapping, path: str, *, max_pool_features: int | None = 10_000) -> None:
-    """Write mu/sigma (and mu_s/sigma_s, pool_features when present) to an .npz that `load_reference_stats` reads.
+    """Write mu/sigma (and mu_s/sigma_s, pool_features, image_size when present) to an .npz that
+    `load_reference_stats` reads.
 
     Keeps at most `max_pool_features` rows of pool features (ADM's reference batches hold 10k images for
     precision/recall; 50k rows would be 400 MB).
@@ -420,7 +435,7 @@ def load_reference_stats(path: str, feature_fn: FeatureFn | None = None, *, batc
 
     Layouts understood:
       * U-ViT / pytorch-fid `fid_stats_*.npz` and our `save_reference_stats` files: "mu", "sigma"
-        (+ optional "mu_s", "sigma_s", "pool_features");
+        (+ optional "mu_s", "sigma_s", "pool_features", "image_size");
       * ADM reference batches `VIRTUAL_*.npz`: "arr_0" uint8 images (N, H, W, 3), usually with "mu", "sigma",
         "mu_s", "sigma_s". Given `feature_fn`, the images are run through it for the precision/recall features
         (and for any statistics the file lacks); without it only the stored statistics are used.
@@ -435,6 +450,8 @@ def load_reference_stats(path: str, feature_fn: FeatureFn | None = None, *, batc
                              "(fid_stats_*.npz) or ADM's 'arr_0' images (VIRTUAL_*.npz)")
         ref = {k: f[k] for k in _STAT_KEYS if k in keys}
         images = f["arr_0"] if "arr_0" in keys and feature_fn is not None else None
+        if images is not None:
+            ref["image_size"] = np.asarray(images.shape[1:3], np.int64)
     if "arr_0" in keys and feature_fn is None:
         if "mu" not in ref:
             raise ValueError(f"{path} holds ADM reference images without statistics: pass feature_fn to compute them")
@@ -464,39 +481,84 @@ def load_reference_stats(path: str, feature_fn: FeatureFn | None = None, *, batc
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_samples(sample_npz_paths: Sequence[str], ref: Mapping | str, feature_fn: FeatureFn, *,
                      batch_size: int = 100, pr_k: int = 3, is_splits: int = 10,
-                     max_samples: int | None = None) -> dict[str, float]:
+                     max_samples: int | None = None) -> dict:
     """Metrics of the samples in `sample_npz_paths` (key "images", uint8 NHWC) against `ref` (a stats dict or a
-    path for `load_reference_stats`).
+    path for `load_reference_stats`): what the reference and the sample count allow.
 
-    Returns {"fid", "is", "is_std", "n_samples"} plus "sfid" when the reference has spatial statistics and
-    "precision", "recall" when it has pool features (k = pr_k). The samples are streamed `batch_size` at a time.
+    Returns {"fid", "is", "n_samples", "skipped": {metric: why}} plus "is_std" (with at least `is_splits` samples;
+    fewer give IS over one split), "sfid" when the reference has spatial statistics and "precision", "recall"
+    when it has pool features (k = pr_k) and both sets have more than k. The samples are streamed `batch_size`
+    at a time.
     """
     if isinstance(ref, (str, os.PathLike)):
         ref = load_reference_stats(os.fspath(ref), feature_fn, batch_size=batch_size)
     stats = compute_feature_stats(iter_npz_batches(sample_npz_paths, batch_size, max_samples=max_samples),
                                   feature_fn, progress=console.Progress("features of the samples", max_samples))
-    out = {"fid": frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]), "n_samples": stats["n"]}
+    n = stats["n"]
+    out = {"fid": frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]), "n_samples": n}
+    skipped = {}
     if ref.get("mu_s") is not None:
         out["sfid"] = sfid(stats["mu_s"], stats["sigma_s"], ref["mu_s"], ref["sigma_s"])
-    out["is"], out["is_std"] = inception_score(stats["logits"], splits=is_splits)
-    if ref.get("pool_features") is not None:
+    else:
+        skipped["sfid"] = ("the reference has no spatial statistics (mu_s, sigma_s; official fid_stats_*.npz files "
+                           "hold only mu and sigma)")
+    if n >= is_splits:
+        out["is"], out["is_std"] = inception_score(stats["logits"], splits=is_splits)
+    else:
+        out["is"] = inception_score(stats["logits"], splits=1)[0]
+        skipped["is_std"] = f"{n} samples are fewer than the {is_splits} IS splits: IS over one split"
+    n_ref = 0 if ref.get("pool_features") is None else len(ref["pool_features"])
+    if min(n_ref, n) > pr_k:
         out["precision"], out["recall"] = precision_recall(ref["pool_features"], stats["pool_features"], k=pr_k)
+    else:
+        skipped["precision/recall"] = (
+            f"{n} samples: more than k={pr_k} needed" if n_ref > pr_k else
+            "the reference has no images or pool features (official fid_stats_*.npz files hold only mu and "
+            "sigma; ADM's VIRTUAL_*.npz or statistics computed from the dataset have them)")
+    out["skipped"] = skipped
     return out
+
+
+def check_image_size(samples_hw: Sequence[int], ref: Mapping, expected_hw: Sequence[int], where: str) -> None:
+    """SampleFileError unless the samples' (H, W) are the reference's (when it records its image size) or else
+    `expected_hw` (what the config generates)."""
+    ref_hw = ref.get("image_size")
+    want, what = ((tuple(int(v) for v in ref_hw), "the reference statistics' image size") if ref_hw is not None
+                  else (tuple(int(v) for v in expected_hw), "the config's image size"))
+    if tuple(int(v) for v in samples_hw) != want:
+        raise SampleFileError(f"{where}: samples are {samples_hw[0]}x{samples_hw[1]}, {what} is {want[0]}x{want[1]}:"
+                              " FID against it would compare different resolutions; sample with the matching config")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Feature functions
 # ----------------------------------------------------------------------------------------------------------------
-def inception_feature_fn(model: inception.InceptionV3) -> FeatureFn:
-    """Jitted feature_fn of an InceptionV3 module: preprocess (pytorch-fid) -> pool / IS logits / spatial."""
-    apply, state = inception.apply_fn(model)
+def inception_feature_fn(model: inception.InceptionV3, devices: Sequence | None = None) -> FeatureFn:
+    """Jitted feature_fn of an InceptionV3 module: preprocess (pytorch-fid) -> pool / IS logits / spatial.
 
-    @jax.jit
+    The batch is split over `devices` (default: this process's devices; the weights are replicated on each), as
+    `latent._jit_frozen` runs the autoencoder and CLIP: an 8-GPU host computes features on all 8. Each process
+    works on its own host rows, so the statistics stay per-process (`compute_feature_stats` combines them). A
+    batch is padded to a multiple of the device count and the padding rows dropped.
+    """
+    apply, state = inception.apply_fn(model)
+    mesh = jax.sharding.Mesh(np.asarray(list(devices or jax.local_devices())), ("batch",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    @functools.partial(jax.jit, out_shardings=split)
     def features(state, images):
         out = apply(state, inception.preprocess(images))
         return {"pool": out["pool"], "logits": out["logits_unbiased"], "spatial": out["spatial"]}
 
-    return functools.partial(features, state)
+    def run(images):
+        images = np.asarray(images)
+        b, d = len(images), mesh.size
+        padded = np.concatenate([images, np.zeros((-b % d,) + images.shape[1:], images.dtype)])
+        out = features(state, jax.device_put(padded, split))
+        return {k: v[:b] for k, v in out.items()}
+
+    return run
 
 
 def make_inception_feature_fn(weights_path: str, *, dtype=jnp.float32,

@@ -2,11 +2,13 @@
 
 Writes `SAMPLES/batch_XXXXXX.npz` (uint8 NHWC under `images`; class labels under `labels` for class models; for
 text models the validation caption each sample was drawn for, `captions` (str, when the feature folder keeps the
-texts) and `caption_index` (image, caption k) in the val split) plus `SAMPLES/grid.png` (the first 64 samples of
-batch 0, 8 per row). Latent configs decode through the autoencoder (`latent.make_decoder`) first, so eval mode reads
-the same files for every config. Batch i draws its noise and its labels / captions from (seed, stream, i), and each
-file is written atomically, so a preempted 50k job that is started again writes only the missing files and ends
-with exactly n_samples, none duplicated.
+texts) and `caption_index` (image, caption k) in the val split), `SAMPLES/samples.json` (the record: the settings
+that produced the files and each finished file's image count and size; eval mode reads the files it lists and
+nothing else) and `SAMPLES/grid.png` (the first `sample.grid_size` samples). Images come from
+`generate.Sampler` (decoded for latent configs), so eval mode reads the same files for every config. Batch i draws
+its noise and its labels / captions from (seed, stream, i), and each file is written atomically, so a preempted
+50k job that is started again writes only the missing files and ends with exactly n_samples, none duplicated, on
+any device count; a rerun with other settings (checkpoint, seed, n_samples, batch, sampler) is refused.
 
 With `sample.prompts=FILE` (text models): one image per line of FILE, the prompts CLIP-encoded here with
 `clip.pretrained_path`, into `PROMPTS/prompt_XXXX.png`, `PROMPTS/prompts.json` and a captioned `PROMPTS/grid.png`
@@ -15,23 +17,20 @@ With `sample.prompts=FILE` (text models): one image per line of FILE, the prompt
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import time
 
-import textwrap
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from uvit_jax import checkpoint, console, data, files, generate, images, latent, models, parallel, preemption, rng
+from uvit_jax import checkpoint, console, files, generate, images, latent, models, parallel, preemption, rng
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.config import ConfigError
 from uvit_jax.rundir import RunDir
-from uvit_jax.train_step import make_apply
 
 
 class NoParamsError(FileNotFoundError):
@@ -47,7 +46,9 @@ def abstract_params_on_mesh(config, mesh):
 def load_ema_params(config, workdir: str, mesh) -> tuple[dict, str]:
     """EMA params from `config.sample.params_dir` (a converted official checkpoint) or WORKDIR's newest checkpoint.
 
-    Returns (params, where they came from). Reads only: nothing is created in a wrong workdir.
+    Returns (params, where they came from: "checkpoint step S", "converted params DIR" or "freshly
+    initialised params (sample.random_params)"; recorded with the samples). Reads only: nothing is created in a
+    wrong workdir.
     """
     target = abstract_params_on_mesh(config, mesh)
     if config.sample.random_params:
@@ -75,7 +76,8 @@ def load_ema_params(config, workdir: str, mesh) -> tuple[dict, str]:
         raise NoParamsError(f"nothing to sample from: no checkpoint in {directory}. Train first (same --config and "
                             "--workdir without --mode), or set --config.sample.params_dir to a converted official "
                             "checkpoint (python main.py --mode convert ...).") from e
-    return params, f"EMA params of step {step} ({why}) in {directory}"
+    logging.info("EMA params of step %d (%s) in %s", step, why, directory)
+    return params, f"checkpoint step {step}"
 
 
 def _chosen_step(choice: str, workdir: str) -> tuple[int | None, str]:
@@ -91,80 +93,181 @@ def _chosen_step(choice: str, workdir: str) -> tuple[int | None, str]:
     return None, "the newest, as sample.step=latest asks"
 
 
+RECORD = "samples.json"
+
+
+class SampleRecordError(ConfigError):
+    """The samples directory holds samples of other settings, or a file its record lists is damaged."""
+
+
+def read_record(out_dir: str) -> dict | None:
+    """SAMPLES/samples.json: the settings that produced the files, the images per file (`batch`) and, per
+    finished file, its image count and byte size; None when there is none."""
+    path = os.path.join(out_dir, RECORD)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SampleRecordError(f"{path} is unreadable ({e}): move {out_dir} away and sample again") from e
+
+
 def sample_files(out_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out_dir, "batch_*.npz")))
+    """The finished sample files of a sample run, in order, as its record lists them (never a glob: temporaries
+    and strays are not samples)."""
+    record = read_record(out_dir)
+    return [os.path.join(out_dir, name) for name in sorted(record["files"])] if record else []
 
 
-def image_shape(config) -> tuple[int, int, int]:
-    """The shape the network generates (latents for latent configs): no dataset needed to sample."""
-    return (int(config.nnet.img_size), int(config.nnet.img_size), int(config.nnet.in_chans))
+def _settings(config, source: str) -> dict:
+    """What decides the images of a sample run: a rerun with other values would mix two sets of samples."""
+    return {"params": source, "seed": int(config.seed), "n_samples": int(config.sample.n_samples),
+            "mini_batch_size": int(config.sample.mini_batch_size), "sampler": generate.sampler_settings(config),
+            "label_distribution": config.sample.label_distribution}
+
+
+_SETTING_KEYS = {"params": "sample.step / sample.params_dir", "seed": "seed", "n_samples": "sample.n_samples",
+                 "mini_batch_size": "sample.mini_batch_size", "sampler": "the sampler (sample.*)",
+                 "label_distribution": "sample.label_distribution"}
+
+
+def _file_name(i: int) -> str:
+    return f"batch_{i:06d}.npz"
+
+
+def _finished(out_dir: str, record: dict, n_batches: int) -> np.ndarray:
+    """Which batch files are finished: listed in the record with the size they were written with."""
+    def ok(i):
+        entry = record["files"].get(_file_name(i))
+        path = os.path.join(out_dir, _file_name(i))
+        return entry is not None and os.path.isfile(path) and os.path.getsize(path) == entry["bytes"]
+    return np.array([ok(i) for i in range(n_batches)])
+
+
+def _resume_plan(config, out_dir: str, settings: dict) -> tuple[dict, str | None]:
+    """The record this run continues (or starts), and why it cannot (None when it can). Process 0 only."""
+    rows = generate.batch_size(config, config.sample.n_samples)
+    fresh = {"settings": settings, "batch": rows, "device_count": jax.device_count(), "files": {}}
+    record = read_record(out_dir)
+    if record is None:
+        strays = glob.glob(os.path.join(out_dir, "batch_*.npz"))
+        if strays:
+            return fresh, (f"{out_dir} holds {len(strays)} batch_*.npz files but no {RECORD}: they were not "
+                           "written by this version's sample mode")
+        return fresh, None
+    changed = [f"{_SETTING_KEYS[k]}: {record['settings'].get(k)!r} -> {v!r}"
+               for k, v in settings.items() if record["settings"].get(k) != v]
+    if changed:
+        return fresh, f"{out_dir} holds samples of other settings ({'; '.join(changed)})"
+    return record, None
+
+
+def _from_process_0(x: np.ndarray) -> np.ndarray:
+    """Process 0's value of x on every process (what process 0 decided about the files)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def _set_aside(out_dir: str) -> str:
+    """Rename out_dir to the first free OUT_DIR.old-<n>; returns the new name."""
+    n = 1
+    while os.path.exists(f"{out_dir}.old-{n}"):
+        n += 1
+    os.rename(out_dir, f"{out_dir}.old-{n}")
+    return f"{out_dir}.old-{n}"
 
 
 def sample_to_dir(config, workdir: str) -> str:
     """Generate config.sample.n_samples images into the samples dir, resuming a partial run; returns the dir.
-    With sample.prompts set, one image per prompt instead (`sample_prompts`)."""
+    With sample.prompts set, one image per prompt instead (`sample_prompts`).
+
+    The directory's record (samples.json) says which settings produced it; a rerun with others is refused (or,
+    with sample.restart, the old directory is set aside as SAMPLES.old-<n>). Files are `batch` images each (the
+    recorded batch, also when the device count changed since), so the directory always ends with n_samples."""
     if config.sample.prompts:
         return sample_prompts(config, workdir)
     out_dir = config.sample.path or RunDir(workdir).samples
     cond = Conditioning.from_config(config)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     params, source = load_ema_params(config, workdir, mesh)
-    decode = None
-    if latent.is_latent(config):
-        if config.sample.random_params and not os.path.exists(config.autoencoder.pretrained_path or ""):
-            logging.warning("sample.random_params without autoencoder weights: writing undecoded latents (timing)")
-        else:
-            decode = latent.make_decoder(config, mesh)
-    texts = data.TextConditions(config, "val") if cond.kind == "text" else None
-    label_probs = label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class" else None
-    null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
-    batch_sharding = parallel.batch_sharding(mesh)
-    batch = parallel.padded_size(config.sample.mini_batch_size)
-    n_total = int(config.sample.n_samples)
-    n_batches = math.ceil(n_total / batch)
-    fn = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=image_shape(config),
-                                            null_context=null_context)
-    gen = generate.jit_generate(fn, batch, mesh)
+    settings = _settings(config, source)
+    record, refusal = _resume_plan(config, out_dir, settings) if parallel.is_main_process() else ({}, None)
+    refused = bool(_from_process_0(np.array(refusal is not None)))
+    if refused and not config.sample.restart:
+        raise SampleRecordError((refusal or "process 0 refused the samples directory") +
+                                ": sample into another --config.sample.path, or pass --config.sample.restart=true "
+                                "to set the old samples aside and start again")
     if parallel.is_main_process():
+        if refused:
+            logging.warning("%s; set aside as %s", refusal, _set_aside(out_dir))
         os.makedirs(out_dir, exist_ok=True)
-    done = _done_batches(out_dir, n_batches)
+        for path in files.remove_dead_leftovers(out_dir):
+            logging.info("Removed %s, left by an interrupted write", path)
+    n_total = int(config.sample.n_samples)
+    rows = int(_from_process_0(np.array(record.get("batch", 0))))
+    n_batches = -(-n_total // rows)
+    done = _from_process_0(_finished(out_dir, record, n_batches) if parallel.is_main_process()
+                           else np.zeros(n_batches, bool))
+    if parallel.is_main_process() and record["device_count"] != jax.device_count() and not all(done):
+        logging.info("%s was started on %d devices: its batches stay %d images (%d per device here)", out_dir,
+                     record["device_count"], rows, parallel.padded_size(rows) // jax.device_count())
+    decode = True
+    if latent.is_latent(config) and config.sample.random_params and \
+            not os.path.exists(config.autoencoder.pretrained_path or ""):
+        logging.warning("sample.random_params without autoencoder weights: writing undecoded latents (timing)")
+        decode = False
+    label_probs = (generate.label_probabilities(config, workdir, cond.real_classes) if cond.kind == "class"
+                   else None)
+    sampler = generate.Sampler(config, mesh, rows, decode=decode, label_probs=label_probs)
     todo = [i for i in range(n_batches) if not done[i]]
     logging.info("Sampling %d images (%s, %d steps) from %s into %s: %d batches of %d, %d already there",
-                 n_total, config.sample.algorithm, config.sample.sample_steps, source, out_dir, n_batches, batch,
+                 n_total, config.sample.algorithm, config.sample.sample_steps, source, out_dir, n_batches, rows,
                  n_batches - len(todo))
-    if texts is not None and not hasattr(texts.source, "captions"):
+    if sampler.texts is not None and not hasattr(sampler.texts.source, "captions"):
         logging.info("%s keeps no caption texts (official feature folder): recording caption_index only",
                      config.dataset.path)
     t0, made, written = time.time(), 0, 0
     with preemption.stop_guard():
-        for i in todo:
-            if preemption.should_stop(i):
+        draws = sampler.batches(params, n_total, lambda i: rng.stream_key(config.seed, rng.SAMPLE, i),
+                                label_key=lambda i: rng.stream_key(config.seed, rng.LABELS, i), indices=todo)
+        for i, x, records in draws:
+            if parallel.is_main_process():
+                path = os.path.join(out_dir, _file_name(i))
+                files.write_npz(path, {"images": x, **records})
+                record["files"][_file_name(i)] = {"images": len(x), "bytes": os.path.getsize(path)}
+                files.write_json(os.path.join(out_dir, RECORD), record)
+            made, written = made + 1, written + len(x)
+            elapsed = time.time() - t0
+            logging.info("batch %d/%d  %.1f samples/s  ETA %s", i + 1, n_batches, written / elapsed,
+                         console.format_duration((len(todo) - made) * elapsed / made))
+            if preemption.should_stop(made) and made < len(todo):
                 logging.info("Preemption requested: stopped after %d batches; run again to resume", made)
                 break
-            c, records = None, {}
-            if cond.kind == "class":
-                c = jax.device_put(sample_labels(rng.stream_key(config.seed, rng.LABELS, i), batch, label_probs),
-                                   batch_sharding)
-                records["labels"] = parallel.gather_to_host(c)
-            elif texts is not None:
-                records = texts.batch(i, batch)
-                c = latent.host_to_global(records.pop("context"), mesh)
-            x = gen(params, rng.stream_key(config.seed, rng.SAMPLE, i), c)
-            x = parallel.gather_to_host(decode(x) if decode else x)
-            count = min(batch, n_total - i * batch)
-            if parallel.is_main_process():
-                arrays = {"images": images.to_uint8(x[:count]), **{k: v[:count] for k, v in records.items()}}
-                files.write_npz(os.path.join(out_dir, f"batch_{i:06d}.npz"), arrays)
-                if i == 0:
-                    images.save_grid(arrays["images"][:64], os.path.join(out_dir, "grid.png"), 8)
-            made, written = made + 1, written + count
-            elapsed = time.time() - t0
-            logging.info("batch %d/%d  %.1f samples/s  ETA %s", i + 1, n_batches, made * batch / elapsed,
-                         console.format_duration((len(todo) - made) * elapsed / made))
-    total = sum(min(batch, n_total - i * batch) for i in range(n_batches) if done[i]) + written
-    logging.info("Wrote %d samples this run (%d in all of %d) to %s/batch_*.npz; the first 64 are shown in "
-                 "%s/grid.png", written, total, n_total, out_dir, out_dir)
+    if parallel.is_main_process():
+        total = sum(entry["images"] for entry in record["files"].values())
+        grid = _save_sample_grid(out_dir, record, int(config.sample.grid_size))
+        logging.info("Wrote %d samples this run; %s holds %d of %d (%s); the first %d are shown in %s", written,
+                     out_dir, total, n_total, "complete" if total == n_total else "run again to finish", grid,
+                     os.path.join(out_dir, "grid.png"))
     return out_dir
+
+
+def _save_sample_grid(out_dir: str, record: dict, n: int) -> int:
+    """SAMPLES/grid.png: the first n samples (from the first files, in order); returns how many it shows."""
+    shown, count = [], 0
+    for i in range(len(record["files"])):
+        name = _file_name(i)
+        if name not in record["files"] or count >= n:
+            break
+        with np.load(os.path.join(out_dir, name)) as f:
+            shown.append(f["images"][:n - count])
+        count += len(shown[-1])
+    if shown:
+        images.save_grid(np.concatenate(shown), os.path.join(out_dir, "grid.png"), int(math.ceil(math.sqrt(count))))
+    return count
 
 
 def read_prompts(path: str) -> list[str]:
@@ -190,80 +293,25 @@ def sample_prompts(config, workdir: str) -> str:
     if encoded.shape[1:] != cond.context_shape:
         raise ConfigError(f"config.clip.pretrained_path: {config.clip.pretrained_path} gives contexts "
                           f"{encoded.shape[1:]}, the network takes {cond.context_shape}")
-    contexts, null_context = encoded[:-1], encoded[-1]
-    decode = latent.make_decoder(config, mesh)
-    batch = parallel.padded_size(config.sample.mini_batch_size)
-    fn = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=image_shape(config),
-                                            null_context=null_context)
-    gen = generate.jit_generate(fn, batch, mesh)
+    sampler = generate.Sampler(config, mesh, generate.batch_size(config, len(prompts)), contexts=encoded[:-1],
+                               null_context=encoded[-1])
     logging.info("Sampling %d prompts from %s (%s, %d steps, scale %s)", len(prompts), source,
                  config.sample.algorithm, config.sample.sample_steps, config.sample.scale if config.sample.cfg else 0)
-    out = []
-    for i in range(math.ceil(len(prompts) / batch)):
-        chunk = contexts[i * batch:(i + 1) * batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        # fold 1 after i: keys of their own, never those of the validation-caption batches
-        x = gen(params, rng.stream_key(config.seed, rng.SAMPLE, i, 1), latent.host_to_global(padded, mesh))
-        out.append(images.to_uint8(parallel.gather_to_host(decode(x))[:len(chunk)]))
-    pictures = np.concatenate(out)
+    # fold 1 after i: keys of their own, never those of the validation-caption batches
+    pictures = np.concatenate([x for _, x, _ in sampler.batches(
+        params, len(prompts), lambda i: rng.stream_key(config.seed, rng.SAMPLE, i, 1))])
     if parallel.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
+        for path in files.remove_dead_leftovers(out_dir):
+            logging.info("Removed %s, left by an interrupted write", path)
         index = []
         for j, (prompt, picture) in enumerate(zip(prompts, pictures)):
             name = f"prompt_{j:04d}.png"
             files.write_atomic(os.path.join(out_dir, name), lambda tmp, p=picture: Image.fromarray(p).save(tmp))
             index.append({"prompt": prompt, "file": name})
         files.write_json(os.path.join(out_dir, "prompts.json"), index)
-        captioned_grid(pictures, prompts, os.path.join(out_dir, "grid.png"))
+        for j in images.captioned_grid(pictures, prompts, os.path.join(out_dir, "grid.png")):
+            logging.info("Prompt %d is cut to fit the grid; prompts.json has it whole: %s", j, prompts[j])
     logging.info("Wrote %d images (one per prompt of %s) to %s/prompt_*.png; captioned grid %s/grid.png",
                  len(prompts), config.sample.prompts, out_dir, out_dir)
     return out_dir
-
-
-def captioned_grid(pictures: np.ndarray, captions: list[str], path: str, ncols: int = 4, lines: int = 4) -> None:
-    """uint8 NHWC RGB images in a grid, each with its caption (wrapped, at most `lines` lines) below it."""
-    n, h, w, _ = pictures.shape
-    ncols = min(ncols, n)
-    cell_w, line_h = max(w, 160), 12
-    cell_h = h + lines * line_h + 6
-    grid = Image.new("RGB", (ncols * cell_w, math.ceil(n / ncols) * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, (picture, caption) in enumerate(zip(pictures, captions)):
-        r, c = divmod(j, ncols)
-        x0, y0 = c * cell_w, r * cell_h
-        grid.paste(Image.fromarray(picture), (x0 + (cell_w - w) // 2, y0))
-        wrapped = textwrap.wrap(caption, width=max(8, cell_w // 6))
-        for k, line in enumerate(wrapped[:lines]):
-            more = k == lines - 1 and len(wrapped) > lines
-            draw.text((x0 + 2, y0 + h + 2 + k * line_h), line + (" ..." if more else ""), fill="black")
-    files.write_atomic(path, grid.save)
-
-
-def sample_labels(key, n: int, probs: np.ndarray):
-    """n class labels drawn with probabilities `probs` (one per real class)."""
-    return jax.random.choice(key, len(probs), (n,), p=jnp.asarray(probs)).astype(jnp.int32)
-
-
-def label_probabilities(config, workdir: str, num_classes: int) -> np.ndarray:
-    """How sample labels are drawn (`sample.label_distribution`): "uniform" over the real classes (the official
-    latent ImageNet evaluation), or "dataset": the training set's class frequencies, as the official ImageNet-64
-    evaluation draws them; read once from the labels (images are not decoded) and cached in WORKDIR/eval/."""
-    if config.sample.label_distribution == "uniform":
-        return np.full(num_classes, 1.0 / num_classes)
-    cache = RunDir(workdir).class_frequencies_cache(config.dataset.name)
-    if os.path.exists(cache):
-        return np.load(cache)
-    logging.info("Reading the class frequencies of %s (once; cached in %s)", config.dataset.name, cache)
-    probs = data.open_source(config.dataset).class_frequencies()
-    if parallel.is_main_process():
-        files.write_atomic(cache, lambda tmp: np.save(tmp, probs))
-    return probs
-
-
-def _done_batches(out_dir: str, n_batches: int) -> np.ndarray:
-    """Which batch files exist, decided on process 0 and shared, so every host runs the same batches."""
-    done = np.array([os.path.exists(os.path.join(out_dir, f"batch_{i:06d}.npz")) for i in range(n_batches)])
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-    return done

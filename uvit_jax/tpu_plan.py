@@ -6,9 +6,10 @@
 With libtpu installed, `jax.experimental.topologies.get_topology_desc` gives the abstract devices of a TPU slice
 (or of several, over DCN) without a TPU; the run's own mesh (`parallel.make_mesh`), shardings and jitted functions
 are lowered from shapes alone and compiled by the TPU compiler, as MaxText's `train_compile.py` does. Compiled:
-the train step at the config's global batch; the in-training FID sampler (`eval_mode.training_fid_generate`) and
-the final sampler, both at `sample.mini_batch_size` padded to the device count, as the run pads it; for latent
-configs the autoencoder decode of one such batch.
+the train step at the config's global batch; the in-training FID sampler (`eval_mode.training_fid_sampler`) at
+`sample.mini_batch_size` per device (or `train.fid_n_samples` padded to the device count, when fewer) and the final
+sampler at `sample.mini_batch_size` per device, as `generate.batch_size` sizes them; for latent configs the
+autoencoder decode of one final batch.
 
 W/benchmark.json holds per chip (GiB): `memory_estimate_gb` (train step: arguments + temporaries + non-aliased
 outputs, as benchmark.py counts them), `sample_memory_estimate_gb` (sample mode: EMA params and autoencoder weights
@@ -246,26 +247,32 @@ def _compile(lowered) -> Program:
 
 
 def _sampler_programs(config, mesh, ema) -> dict:
-    """Compiled final sampler, FID sampler and (latent configs) decoder over `mesh`, at the padded mini-batch."""
-    from uvit_jax import eval_mode, generate, latent, sample
+    """Compiled final sampler, FID sampler and (latent configs) decoder over `mesh`, at their batch sizes."""
+    from uvit_jax import eval_mode, generate, latent
     from uvit_jax.train_step import make_apply
     n = mesh.size
-    batch = -(-int(config.sample.mini_batch_size) // n) * n
+    batch = int(config.sample.mini_batch_size) * n  # generate.batch_size on this mesh's device count
+    fid_batch = min(batch, -(-int(config.train.fid_n_samples) // n) * n)
     cond = Conditioning.from_config(config)
     null_context = np.zeros(cond.context_shape, np.float32) if cond.kind == "text" else None
-    shape = sample.image_shape(config)
+    shape = generate.image_shape(config)
     key = _abstract(jax.eval_shape(lambda: rng.stream_key(0, rng.SAMPLE, 0)), parallel.replicated(mesh))
-    c = None
-    if cond.kind == "class":
-        c = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=parallel.batch_sharding(mesh))
-    elif cond.kind == "text":
-        c = jax.ShapeDtypeStruct((batch, *cond.context_shape), jnp.float32, sharding=parallel.batch_sharding(mesh))
-    final = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=shape,
-                                               null_context=null_context)
-    fid = eval_mode.training_fid_generate(config, shape, mesh, null_context)
-    out = {"sample_batch": batch}
-    for name, fn in (("sample", final), ("fid", fid)):
-        out[name] = _compile(generate.jit_generate(fn, batch, mesh).lower(ema, key, c))
+
+    def condition(rows):
+        if cond.kind == "class":
+            return jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=parallel.batch_sharding(mesh))
+        if cond.kind == "text":
+            return jax.ShapeDtypeStruct((rows, *cond.context_shape), jnp.float32,
+                                        sharding=parallel.batch_sharding(mesh))
+        return None
+
+    def program(settings, rows):
+        fn = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=shape,
+                                                settings=settings, null_context=null_context)
+        return _compile(generate.jit_generate(fn, rows, mesh).lower(ema, key, condition(rows)))
+
+    out = {"sample_batch": batch, "fid_batch": fid_batch, "sample": program(None, batch),
+           "fid": program(eval_mode.training_fid_sampler(config), fid_batch)}
     if latent.is_latent(config):
         from uvit_jax.models.autoencoder import FrozenAutoencoderKL
         ae = config.autoencoder
@@ -317,7 +324,8 @@ def run(config, workdir: str, topology: str, slices: int = 1) -> dict:
         "grad_accum_steps": int(config.train.grad_accum_steps), "global_batch": global_batch,
         "per_device_batch": global_batch // len(devices), "params": int(models.count_params(nnet)),
         "train_state_gb": state_gb, **train_mem,
-        "sample_batch": programs.get("sample_batch"), "sample_memory_estimate_gb": sample_gb,
+        "sample_batch": programs.get("sample_batch"), "fid_batch": programs.get("fid_batch"),
+        "sample_memory_estimate_gb": sample_gb,
         "fid_memory_estimate_gb": fid_gb, "decode_memory_estimate_gb": decode_gb if "decode" in programs else None,
         "hbm_gb": hbm,
         "fits": None if hbm is None else all(gb is not None and gb <= hbm

@@ -20,11 +20,11 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from uvit_jax import (agreement, checkpoint, console, data, files, generate, images, latent, models, parallel,
-                      preemption, rng)
+from uvit_jax import (agreement, checkpoint, console, data, files, generate, images, models, parallel, preemption,
+                      rng)
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.rundir import BestRecord, RunDir
-from uvit_jax.train_step import State, Trainer, flops_per_image, make_apply, peak_flops_per_device
+from uvit_jax.train_step import State, Trainer, flops_per_image, peak_flops_per_device
 from uvit_jax.workdir_lock import WorkdirLock
 
 # What a resumed run does with a setting that differs from its checkpoint's (README, "Resuming with changed
@@ -82,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     faults = agreement.Faults()  # an error on one process stops all of them at the next agreement point
     with faults.catch():
-        info = data.dataset_info(config.dataset)  # a missing dataset stops here, before anything is written
+        data.dataset_info(config.dataset)  # a missing dataset stops here, before anything is written
     faults.agree("opening the dataset")
     # One writer per workdir (process 0 holds the lock for all processes of the run).
     lock = WorkdirLock(workdir)
@@ -91,17 +91,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     faults.agree("taking the workdir lock")
     try:
         with preemption.stop_guard():
-            return _train(config, workdir, info, lock, faults, eval_callback, mesh)
+            return _train(config, workdir, lock, faults, eval_callback, mesh)
     finally:
         lock.release()
 
 
-def _train(config, workdir, info, lock: WorkdirLock, faults: agreement.Faults, eval_callback, mesh) -> State:
+def _train(config, workdir, lock: WorkdirLock, faults: agreement.Faults, eval_callback, mesh) -> State:
     cfg_t = config.train
     run = RunDir(workdir)
     cond = Conditioning.from_config(config)
-    null_context = data.load_empty_context(config.dataset.path) if cond.kind == "text" else None
-    null_cond = cond.null_condition(null_context) if cond.cfg_trained else None
+    null_cond = cond.null_condition(generate.empty_context(config)) if cond.cfg_trained else None
     trainer = Trainer(config, mesh=mesh, null_cond=null_cond)
     with checkpoint.Checkpointer(run.checkpoints, max_to_keep=cfg_t.max_to_keep) as ckpt:
         restored = ckpt.restore_latest(trainer.abstract_with_shardings())
@@ -126,8 +125,8 @@ def _train(config, workdir, info, lock: WorkdirLock, faults: agreement.Faults, e
             return state
         if parallel.is_main_process():
             _record_config(run, config, metadata.get("config"), start_step)
-        return _loop(config, run, info, lock, faults, eval_callback if fid_due else None, trainer, cond,
-                     null_context, ckpt, record, state, start_step, start_position)
+        return _loop(config, run, lock, faults, eval_callback if fid_due else None, trainer, cond, ckpt, record,
+                     state, start_step, start_position)
 
 
 def _step_of(best: dict | None) -> int | None:
@@ -209,8 +208,8 @@ def config_differences(saved: Mapping, current: Any,
     return out
 
 
-def _loop(config, run: RunDir, info, lock: WorkdirLock, faults: agreement.Faults, fid_callback, trainer: Trainer,
-          cond, null_context, ckpt: checkpoint.Checkpointer, record: BestRecord, state: State, start_step: int,
+def _loop(config, run: RunDir, lock: WorkdirLock, faults: agreement.Faults, fid_callback, trainer: Trainer,
+          cond, ckpt: checkpoint.Checkpointer, record: BestRecord, state: State, start_step: int,
           start_position: int) -> State:
     cfg_t = config.train
     n_params = models.count_params(dict(config.nnet))
@@ -230,7 +229,7 @@ def _loop(config, run: RunDir, info, lock: WorkdirLock, faults: agreement.Faults
                                               first_profile=start_step + cfg_t.log_interval + 1))
     batches = data.make_train_batches(config.dataset, global_batch_size=cfg_t.batch_size, seed=config.seed,
                                       start_step=start_step, start_position=start_position)
-    grid = _GridWriter(config, run, info, trainer, cond, null_context)
+    grid = _GridWriter(config, run, trainer.mesh, cond)
     flops_img, peak = flops_per_image(config), peak_flops_per_device()
 
     def save(step: int, state: State, metrics: dict) -> None:
@@ -322,43 +321,29 @@ def _loop(config, run: RunDir, info, lock: WorkdirLock, faults: agreement.Faults
 
 
 class _GridWriter:
-    """Periodic sample grids from the EMA params (the config's grid sampler), PNGs in WORKDIR/grids/. Latent
-    configs decode through the autoencoder; text models draw the first validation captions of sample mode."""
+    """Periodic sample grids of `sample.grid_size` images from the EMA params (the config's sampler with
+    `sample.grid_steps`), PNGs in WORKDIR/grids/, drawn by `generate.Sampler` from the same noise at every step:
+    class j in column j; text models draw the first validation captions of sample mode."""
 
-    def __init__(self, config, run: RunDir, info, trainer: Trainer, cond: Conditioning, null_context):
-        self.config, self.run = config, run
-        self.enabled, self.decode = True, None
-        if latent.is_latent(config):
-            try:
-                self.decode = latent.make_decoder(config, trainer.mesh)
-            except FileNotFoundError as e:  # training itself needs no autoencoder
-                self.enabled = False
-                logging.warning("Training grids are off: %s", e)
-                return
-        self.n = parallel.padded_size(config.sample.grid_size)
-        self.ncols = cond.grid_columns(config.sample.grid_size)
-        self.cond = None
-        if cond.kind == "class":
-            self.cond = jax.device_put(cond.grid_labels(self.n), trainer.batch_sharding)
-        elif cond.kind == "text":
-            try:
-                texts = data.TextConditions(config, "val")
-            except data.DatasetNotPreparedError:  # no validation split extracted: training captions
-                texts = data.TextConditions(config, "train")
-            self.cond = latent.host_to_global(texts.batch(0, self.n)["context"], trainer.mesh)
-        fn = generate.make_generate_from_config(config, make_apply(config, mesh=trainer.mesh),
-                                                image_shape=info["image_shape"],
-                                                steps=config.sample.grid_steps, null_context=null_context)
-        self.fn = generate.jit_generate(fn, self.n, trainer.mesh)
+    def __init__(self, config, run: RunDir, mesh, cond: Conditioning):
+        self.run, self.n, self.enabled = run, int(config.sample.grid_size), True
+        self.ncols = cond.grid_columns(self.n)
         self.key = rng.stream_key(config.seed, rng.GRID)
+        try:
+            self.sampler = generate.Sampler(config, mesh, generate.batch_size(config, self.n),
+                                            settings=generate.sampler_settings(config, steps=config.sample.grid_steps),
+                                            train_captions_if_no_val=True)
+        except FileNotFoundError as e:  # training itself needs no autoencoder
+            self.enabled = False
+            logging.warning("Training grids are off: %s", e)
 
     def write(self, step: int, ema_params) -> None:
         if not self.enabled:
             return
-        x = self.fn(ema_params, self.key, self.cond)
-        x = parallel.gather_to_host(self.decode(x) if self.decode else x)
+        x = np.concatenate([x for _, x, _ in self.sampler.batches(
+            ema_params, self.n, lambda i: jax.random.fold_in(self.key, i))])
         if parallel.is_main_process():
             path = self.run.grid(step)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            images.save_grid(images.to_uint8(x[: self.config.sample.grid_size]), path, self.ncols)
+            images.save_grid(x, path, self.ncols)
             logging.info("Wrote sample grid %s", path)
