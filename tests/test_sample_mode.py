@@ -134,3 +134,18 @@ def test_captions_render_beyond_latin1_and_cuts_are_reported(tmp_path):
         assert not np.array_equal(caption_pixels(text), missing), text
     assert images.captioned_grid(pictures, ["word " * 200], str(tmp_path / "g.png")) == [0]
     assert images.captioned_grid(pictures, ["short"], str(tmp_path / "g.png")) == []
+
+
+def test_one_sampling_driver():
+    """The sampler is jitted, latents decoded and the empty-text context read in generate.py alone (before: three
+    loops in sample.py, eval_mode.py and train.py, each loading the empty context)."""
+    package = os.path.join(ROOT, "uvit_jax")
+    users = {name: set() for name in ("jit_generate(", "make_decoder(", "load_empty_context(")}
+    for folder, _, names in os.walk(package):
+        for n in names:
+            if n.endswith(".py"):
+                source = open(os.path.join(folder, n)).read()
+                for name in users:
+                    if any(not line.lstrip().startswith("def ") for line in source.splitlines() if name in line):
+                        users[name].add(os.path.relpath(os.path.join(folder, n), package))
+    assert users == {name: {"generate.py"} for name in users}
