@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from uvit_jax import host_malloc, models, parallel
+from uvit_jax import files, host_malloc, models, parallel
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.rundir import RunDir
 from uvit_jax.train_step import CPU_COMPILER_OPTIONS, Trainer, flops_per_image, make_apply, peak_flops_per_device
@@ -134,12 +134,16 @@ def run(config, workdir: str, steps: int = 10, compile_only: bool = False) -> di
     if not compile_only:
         result.update(_timings(config, trainer, compiled, steps))
     if parallel.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        with open(RunDir(workdir).benchmark, "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result, indent=2))
-    logging.info("benchmark: %s", result)
+        write_result(workdir, result)
     return result
+
+
+def write_result(workdir: str, result: dict) -> None:
+    """`benchmark.json` of the run in `workdir` (atomic), echoed to the console and the log."""
+    os.makedirs(workdir, exist_ok=True)
+    files.write_json(RunDir(workdir).benchmark, result)
+    print(json.dumps(result, indent=2))
+    logging.info("benchmark: %s", result)
 
 
 def _timings(config, trainer: Trainer, compiled, steps: int) -> dict:

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
-import json
 import math
-import os
 import re
 import resource
 import time
@@ -35,13 +33,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from uvit_jax import models, parallel, rng, tpu_env
-from uvit_jax.benchmark import flops, make_trainer, memory, synthetic_batch
+from uvit_jax.benchmark import flops, make_trainer, memory, synthetic_batch, write_result
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.rundir import RunDir
 
 LIBTPU_HELP = ('--benchmark_topology needs libtpu (the TPU compiler; Linux x86_64/aarch64): pip install '
                f'"jax[tpu]=={jax.__version__}"')
@@ -339,9 +335,5 @@ def run(config, workdir: str, topology: str, slices: int = 1) -> dict:
         if train.compiled else None,
         "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     }
-    os.makedirs(workdir, exist_ok=True)
-    with open(RunDir(workdir).benchmark, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
-    logging.info("tpu plan: %s", result)
+    write_result(workdir, result)
     return result
