@@ -9,7 +9,7 @@ are lowered from shapes alone and compiled by the TPU compiler, as MaxText's `tr
 the train step at the config's global batch; the in-training FID sampler (`eval_mode.training_fid_sampler`) at
 `sample.mini_batch_size` per device (or `train.fid_n_samples` padded to the device count, when fewer) and the final
 sampler at `sample.mini_batch_size` per device, as `generate.batch_size` sizes them; for latent configs the
-autoencoder decode of one final batch.
+autoencoder decode of one final batch (one chip's share: the decode moves nothing between chips).
 
 W/benchmark.json holds per chip (GiB): `memory_estimate_gb` (train step: arguments + temporaries + non-aliased
 outputs, as benchmark.py counts them), `sample_memory_estimate_gb` (sample mode: EMA params and autoencoder weights
@@ -275,10 +275,15 @@ def _sampler_programs(config, mesh, ema) -> dict:
         module = nnx.eval_shape(lambda: FrozenAutoencoderKL(ae.ddconfig.to_dict(), ae.embed_dim, ae.scale_factor,
                                                             rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(module)
-        weights = _abstract(state, parallel.replicated(mesh))
-        z = jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=parallel.batch_sharding(mesh))
+        # The decode moves nothing between chips (weights replicated, images split by batch), so every chip runs
+        # the same program: one chip's, compiled on one device at the batch per chip. It is then the same program
+        # for every slice size of a generation, which a compilation cache (JAX_COMPILATION_CACHE_DIR) compiles
+        # once: the TPU compiler takes minutes for this decoder even at one image.
+        one_chip = parallel.make_mesh(1, [mesh.devices.flat[0]])
+        weights = _abstract(state, parallel.replicated(one_chip))
+        z = jax.ShapeDtypeStruct((batch // n, *shape), jnp.float32, sharding=parallel.batch_sharding(one_chip))
         decode = jax.jit(lambda s, x: nnx.merge(graphdef, s).decode(x),  # as latent.make_decoder
-                         out_shardings=parallel.batch_sharding(mesh))
+                         out_shardings=parallel.batch_sharding(one_chip))
         with jax.default_matmul_precision("highest"):
             out["decode"] = _compile(decode.lower(weights, z))
         out["decoder_weights_gb"] = per_device_gib(weights)
