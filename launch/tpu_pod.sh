@@ -17,7 +17,8 @@ usage: bash $ME [options] TPU_NAME ZONE CONFIG WORKDIR [-- main.py flags...]
 Run (the first form):
   0. check that the run fits: compile CONFIG (with the --config.* flags after --) here, on this machine, for
      the TPU's accelerator type with the TPU compiler (main.py --mode benchmark --benchmark_compile_only
-     --benchmark_topology=TYPE; needs libtpu, from requirements.txt; a few minutes for the largest configs) and
+     --benchmark_topology=TYPE; needs libtpu, from requirements.txt; 5 to 35 minutes of a 2-core machine,
+     the latent configs' autoencoder decode being the longest program) and
      refuse, naming the per-chip GiB of the train step and sampler against the chip's HBM, when it does not fit.
      The type is --accelerator, or the existing TPU's; PYTHON=... names the interpreter (default python3).
      --skip-fit-check skips this;

@@ -276,9 +276,8 @@ def _sampler_programs(config, mesh, ema) -> dict:
                                                             rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(module)
         # The decode moves nothing between chips (weights replicated, images split by batch), so every chip runs
-        # the same program: one chip's, compiled on one device at the batch per chip. It is then the same program
-        # for every slice size of a generation, which a compilation cache (JAX_COMPILATION_CACHE_DIR) compiles
-        # once: the TPU compiler takes minutes for this decoder even at one image.
+        # the same program: one chip's, compiled on one device at the batch per chip (the TPU compiler takes
+        # minutes for this decoder even at one image; there is no partitioning to add to that).
         one_chip = parallel.make_mesh(1, [mesh.devices.flat[0]])
         weights = _abstract(state, parallel.replicated(one_chip))
         z = jax.ShapeDtypeStruct((batch // n, *shape), jnp.float32, sharding=parallel.batch_sharding(one_chip))
