@@ -46,45 +46,38 @@ def _words(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _digest_leaves(leaves: list) -> tuple[jax.Array, jax.Array]:
-    """(uint32 [n, 2] checksums, bool [n] all-finite) of n arrays; sharding-independent (see the module docstring)."""
-    sums, finite = [], []
-    for x in leaves:
-        w = _words(x)
-        index = jnp.zeros(w.shape, jnp.uint32)
-        stride = 1
-        for axis in reversed(range(w.ndim)):  # the flat index, built per axis so that no axis is gathered
-            index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * np.uint32(stride % 2 ** 32)
-            stride *= w.shape[axis]
-        lanes = [jnp.sum(_fmix32(w ^ _fmix32(index * np.uint32(0x9E3779B9) + np.uint32(seed))), dtype=jnp.uint32)
-                 for seed in (0x243F6A88, 0x85A308D3)]
-        sums.append(jnp.stack(lanes))
-        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True))
-    return jnp.stack(sums), jnp.stack(finite)
+def _digest_leaf(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(uint32 [2] checksum, bool all-finite) of one array; sharding-independent (see the module docstring)."""
+    w = _words(x)
+    index = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(w.ndim)):  # the flat index, built per axis so that no axis is gathered
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * np.uint32(stride % 2 ** 32)
+        stride *= w.shape[axis]
+    lanes = [jnp.sum(_fmix32(w ^ _fmix32(index * np.uint32(0x9E3779B9) + np.uint32(seed))), dtype=jnp.uint32)
+             for seed in (0x243F6A88, 0x85A308D3)]
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+    return jnp.stack(lanes), finite
 
 
 @functools.lru_cache(maxsize=8)
 def _digest_fn(mesh: Mesh | None):
-    # Replicated outputs, so that every process of a multi-host run can read them.
+    # One small program per leaf shape, dtype and sharding, shared by every leaf that has them (a train state repeats
+    # a few shapes many times: params, EMA and both Adam moments, block after block): tracing and compiling one
+    # program over all leaves took seconds at the first save. Replicated outputs, so that every process of a
+    # multi-host run can read them.
     out = None if mesh is None else NamedSharding(mesh, P())
-    return jax.jit(_digest_leaves, out_shardings=out)
+    return jax.jit(_digest_leaf, out_shardings=out)
 
 
 def digest(tree: Any) -> list[tuple[str, Any, str, bool]]:
-    """(path, leaf, checksum hex, all finite) for every leaf of `tree`, one jitted pass per mesh."""
+    """(path, leaf, checksum hex, all finite) for every leaf of `tree`, computed on the leaf's devices."""
     flat = jax.tree_util.tree_leaves_with_path(tree)
     leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
-    groups: dict[Any, list[int]] = {}
-    for i, x in enumerate(leaves):
-        sharding = x.sharding
-        key = sharding.mesh if isinstance(sharding, NamedSharding) else frozenset(sharding.device_set)
-        groups.setdefault(key, []).append(i)
-    sums, finite = np.zeros((len(leaves), 2), np.uint32), np.ones(len(leaves), bool)
-    for key, members in groups.items():
-        s, f = _digest_fn(key if isinstance(key, Mesh) else None)([leaves[i] for i in members])
-        sums[members], finite[members] = np.asarray(s), np.asarray(f)
-    return [(jax.tree_util.keystr(path, simple=True, separator="/"), x, f"{a:08x}{b:08x}", bool(ok))
-            for (path, _), x, (a, b), ok in zip(flat, leaves, sums, finite)]
+    results = [_digest_fn(x.sharding.mesh if isinstance(x.sharding, NamedSharding) else None)(x) for x in leaves]
+    results = jax.device_get(results)  # one wait for all leaves' programs, dispatched above without waiting
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), x, f"{int(s[0]):08x}{int(s[1]):08x}", bool(ok))
+            for (path, _), x, (s, ok) in zip(flat, leaves, results)]
 
 
 def checksum_record(state: Any, where: str) -> dict:
