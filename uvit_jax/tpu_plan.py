@@ -33,11 +33,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from uvit_jax import models, parallel, rng, tpu_env
 from uvit_jax.benchmark import flops, make_trainer, memory, synthetic_batch, write_result
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.rundir import RunDir
 
 LIBTPU_HELP = ('--benchmark_topology needs libtpu (the TPU compiler; Linux x86_64/aarch64): pip install '
                f'"jax[tpu]=={jax.__version__}"')
@@ -226,9 +228,10 @@ class Program(NamedTuple):
 _OUT_OF_HBM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)|Used ([\d.]+)([KMGT]) of")
 
 
-def _compile(lowered) -> Program:
+def _compile(lowered, what: str) -> Program:
     """XLA:TPU rematerialises (recomputes) what it must to fit the chip's HBM; a program that still does not fit
     stops the compile with RESOURCE_EXHAUSTED and the memory it needed, which is kept here."""
+    logging.info("XLA:TPU compiling the %s ...", what)  # minutes each on a CPU: say what the wait is for
     t0 = time.time()
     try:
         compiled = lowered.compile()
@@ -238,8 +241,11 @@ def _compile(lowered) -> Program:
             raise
         number, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
         needed = float(number) * 1024 ** "KMGT".index(unit) / 2 ** 20
+        logging.info("  %s: out of HBM, needs %.2f GiB per chip (%.0f s)", what, needed, time.time() - t0)
         return Program(None, time.time() - t0, needed)
-    return Program(compiled, time.time() - t0, memory(compiled)["memory_estimate_gb"])
+    program = Program(compiled, time.time() - t0, memory(compiled)["memory_estimate_gb"])
+    logging.info("  %s: %.2f GiB per chip (%.0f s)", what, program.memory_gb, program.seconds)
+    return program
 
 
 def _sampler_programs(config, mesh, ema) -> dict:
@@ -262,13 +268,14 @@ def _sampler_programs(config, mesh, ema) -> dict:
                                         sharding=parallel.batch_sharding(mesh))
         return None
 
-    def program(settings, rows):
+    def program(settings, rows, what):
         fn = generate.make_generate_from_config(config, make_apply(config, mesh=mesh), image_shape=shape,
                                                 settings=settings, null_context=null_context)
-        return _compile(generate.jit_generate(fn, rows, mesh).lower(ema, key, condition(rows)))
+        return _compile(generate.jit_generate(fn, rows, mesh).lower(ema, key, condition(rows)),
+                        f"{what} ({rows // n} images per chip)")
 
-    out = {"sample_batch": batch, "fid_batch": fid_batch, "sample": program(None, batch),
-           "fid": program(eval_mode.training_fid_sampler(config), fid_batch)}
+    out = {"sample_batch": batch, "fid_batch": fid_batch, "sample": program(None, batch, "final sampler"),
+           "fid": program(eval_mode.training_fid_sampler(config), fid_batch, "FID sampler")}
     if latent.is_latent(config):
         from uvit_jax.models.autoencoder import FrozenAutoencoderKL
         ae = config.autoencoder
@@ -284,13 +291,25 @@ def _sampler_programs(config, mesh, ema) -> dict:
         decode = jax.jit(lambda s, x: nnx.merge(graphdef, s).decode(x),  # as latent.make_decoder
                          out_shardings=parallel.batch_sharding(one_chip))
         with jax.default_matmul_precision("highest"):
-            out["decode"] = _compile(decode.lower(weights, z))
+            out["decode"] = _compile(decode.lower(weights, z), f"autoencoder decode ({batch // n} per chip)")
         out["decoder_weights_gb"] = per_device_gib(weights)
     return out
 
 
 def run(config, workdir: str, topology: str, slices: int = 1) -> dict:
     """Compile the run's programs for `slices` x `topology`; write and return WORKDIR/benchmark.json's figures."""
+    # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) stores a program compiled for a topology but
+    # cannot load it back without a TPU client ("PjRtCompiler must be constructed with a Client", a warning per
+    # program): leave it out rather than fill it with entries no run can use.
+    cache_was_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _run(config, workdir, topology, slices)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was_on)
+
+
+def _run(config, workdir: str, topology: str, slices: int) -> dict:
     devices = topology_devices(topology, slices)
     try:
         mesh = parallel.make_mesh(config.mesh.fsdp, devices)
@@ -301,11 +320,17 @@ def run(config, workdir: str, topology: str, slices: int = 1) -> dict:
     abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, *v.shape[1:]), v.dtype, sharding=trainer.batch_sharding)
                       for k, v in synthetic_batch(config, 1).items()}
     state = trainer.abstract_with_shardings()
-    train = _compile(trainer.step_fn.lower(state, abstract_batch))
+    logging.info("Compiling for %s%s (%d %s chips, mesh %s) on this machine's CPU: 5 to 35 minutes for a paper "
+                 "config", topology_name(topology), f" x {slices} slices" if slices > 1 else "", len(devices),
+                 devices[0].device_kind, dict(mesh.shape))
+    train = _compile(trainer.step_fn.lower(state, abstract_batch),
+                     f"train step ({global_batch // len(devices)} images per chip)")
     train_mem = memory(train.compiled) if train.compiled else {"memory_estimate_gb": train.memory_gb}
     ema_gb, state_gb = per_device_gib(state["ema_params"]), per_device_gib(state)
     # A train step out of HBM already settles it: the samplers are not compiled (the launcher's check stays short).
     programs = _sampler_programs(config, mesh, state["ema_params"]) if train.compiled else {}
+    if not train.compiled:
+        logging.info("The samplers are not compiled: the train step does not fit already")
     sample_gb = fid_gb = decode_gb = None
     if programs:
         ae_gb = programs.get("decoder_weights_gb", 0.0)
@@ -340,4 +365,8 @@ def run(config, workdir: str, topology: str, slices: int = 1) -> dict:
         "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     }
     write_result(workdir, result)
+    gib = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    logging.info("%s on %s: train step %s, sample mode %s, training with FID %s GiB per chip of %s HBM -> %s",
+                 {True: "fits", False: "does NOT fit", None: "fit unknown"}[result["fits"]], result["topology"], gib(train_mem["memory_estimate_gb"]),
+                 gib(sample_gb), gib(fid_gb), gib(hbm), RunDir(workdir).benchmark)
     return result
