@@ -65,6 +65,8 @@ CASES = [
     _case("file:// workdir", "--config", "configs/test_tiny.py", "--workdir", "file://{W}", needs=("file://",)),
     _case("convert_input is a directory", *TINY, "--mode", "convert", "--convert_input={IN}/converted",
           setup="input_dir", needs=("--convert_input", "is a directory", "--convert_to_official")),
+    _case("convert_input missing", *TINY, "--mode", "convert", "--convert_input={IN}/missing.pth",
+          needs=("missing.pth",)),
     _case("sample.step=999 (5, 10 saved)", *TINY, "--mode", "sample", "--config.sample.step=999",
           setup="steps_5_10", needs=("step 999", "5, 10", "sample.step")),
     _case("disk full in a run", *TINY, "--mode", "sample", raise_="ENOSPC", rc=1,
