@@ -45,15 +45,20 @@ def test_fsdp_halves_the_parameter_bytes_per_chip(two_slices, tmp_path):
     assert r["collectives"]["all-gather"]["total"] > 0  # the split parameters are gathered for the forward
 
 
-def test_fits_turns_false_when_the_train_step_exceeds_hbm(tmp_path):
+def test_fits_turns_false_when_the_train_step_exceeds_hbm(tmp_path, caplog):
     """8192-wide blocks: 1.6e9 parameters, 26 GiB of train state on each 16 GiB chip. XLA:TPU recomputes what it
-    can to fit HBM and, when nothing can, stops with the memory it needed: kept as the estimate."""
+    can to fit HBM and, when nothing can, stops with the memory it needed: kept as the estimate, and said."""
     c = tiny()
     c.nnet = dict(c.nnet, embed_dim=8192, num_heads=8)
-    r = tpu_plan.run(c, str(tmp_path), "v5litepod-4")  # an accelerator type names the same v5e:2x2 slice
+    with caplog.at_level("INFO"):
+        r = tpu_plan.run(c, str(tmp_path), "v5litepod-4")  # an accelerator type names the same v5e:2x2 slice
     assert r["topology"] == "v5e:2x2" and r["train_state_gb"] > 16
     assert r["memory_estimate_gb"] > r["hbm_gb"] == 16 and not r["fits"]
     assert r["collectives"] is None and r["sample_memory_estimate_gb"] is None  # nothing more compiled
+    said = caplog.text  # a person waiting minutes sees what is compiling and the verdict
+    assert "XLA:TPU compiling the train step (4 images per chip)" in said
+    assert f"train step (4 images per chip): out of HBM, needs {r['memory_estimate_gb']:.2f} GiB" in said
+    assert "does NOT fit on v5e:2x2" in said and "benchmark.json" in said
 
 
 def test_two_slice_mesh_keeps_each_fsdp_group_inside_a_slice():

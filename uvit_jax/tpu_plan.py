@@ -366,7 +366,8 @@ def _run(config, workdir: str, topology: str, slices: int) -> dict:
     }
     write_result(workdir, result)
     gib = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    verdict = {True: "fits", False: "does NOT fit", None: "fit unknown"}[result["fits"]]
     logging.info("%s on %s: train step %s, sample mode %s, training with FID %s GiB per chip of %s HBM -> %s",
-                 {True: "fits", False: "does NOT fit", None: "fit unknown"}[result["fits"]], result["topology"], gib(train_mem["memory_estimate_gb"]),
-                 gib(sample_gb), gib(fid_gb), gib(hbm), RunDir(workdir).benchmark)
+                 verdict, result["topology"], gib(train_mem["memory_estimate_gb"]), gib(sample_gb), gib(fid_gb),
+                 gib(hbm), RunDir(workdir).benchmark)
     return result
